@@ -1,0 +1,149 @@
+"""The `rlhfkit` command: thin wrappers that load a config and call a recipe.
+
+    rlhfkit sft --config cfg.yaml train.lr=1e-4 lora.enabled=true
+    rlhfkit sft --print-config
+    rlhfkit sft --config cfg.yaml --resume            # continue the latest checkpoint of output_dir
+    rlhfkit sft --config cfg.yaml --resume PATH       # or a given checkpoint folder
+
+Problems the user can fix (config, data, model) print one clear message and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from rlhfkit import __version__
+from rlhfkit.errors import RlhfkitError
+
+app = typer.Typer(
+    help="rlhfkit: fine-tune models with feedback (SFT, reward models, DPO, PPO).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Prepare and inspect models.", no_args_is_help=True)
+data_app = typer.Typer(help="Validate data files.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+
+RECIPE_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config file.", show_default=False)
+PRINT_OPT = typer.Option(False, "--print-config", help="Print every field with its default and help, then exit.")
+RESUME_OPT = typer.Option(
+    None, "--resume", help="Continue from 'latest' (the default when given alone) or a checkpoint folder."
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rlhfkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """rlhfkit: fine-tune models with feedback."""
+
+
+def _load(cls: type, config: Optional[Path], overrides: list[str], print_config: bool):  # noqa: ANN202
+    from rlhfkit.config import describe, load_config
+
+    cfg = load_config(cls, config, overrides)
+    if print_config:
+        typer.echo(describe(cfg))
+        raise typer.Exit()
+    return cfg
+
+
+@app.command(context_settings=RECIPE_CONTEXT)
+def sft(
+    ctx: typer.Context,
+    config: Optional[Path] = CONFIG_OPT,
+    print_config: bool = PRINT_OPT,
+    resume: Optional[str] = RESUME_OPT,
+) -> None:
+    """Supervised fine-tuning on prompt/completion or chat data. Overrides: key=value (dotted for sections)."""
+    from rlhfkit.recipes.sft import SFTConfig, train
+
+    cfg = _load(SFTConfig, config, list(ctx.args), print_config)
+    train(cfg, resume=resume)
+
+
+@app.command(context_settings=RECIPE_CONTEXT)
+def demo(ctx: typer.Context) -> None:
+    """The quick-start demo: fine-tune the bundled SmolLM2 and show answers before and after."""
+    from rlhfkit.demo import main as demo_main
+
+    demo_main(list(ctx.args))
+
+
+@models_app.command("prepare")
+def models_prepare(spec: str = typer.Argument("bundled:smollm2-135m-instruct", help="Model spec to prepare.")) -> None:
+    """Convert a bundled/GGUF model once into the cache and print its folder."""
+    from rlhfkit.models.load import resolve_spec
+
+    resolved = resolve_spec(spec)
+    typer.echo(resolved.target)
+
+
+@data_app.command("validate")
+def data_validate(
+    path: str = typer.Argument(..., help="Data file, bundled:NAME or HF dataset name."),
+    kind: str = typer.Option("sft", "--kind", help="sft, preference, prompt or rating."),
+    split: str = typer.Option("train", "--split", help="Split for HF datasets."),
+) -> None:
+    """Check every row of a data file against a format and list the problems."""
+    from rlhfkit.data.formats import VALIDATORS, enforce, validate_rows
+    from rlhfkit.data.sources import load_rows
+
+    if kind not in VALIDATORS:
+        raise RlhfkitError(f"--kind: expected one of {', '.join(VALIDATORS)}, got {kind!r}")
+    rows = load_rows(path, split=split)
+    samples, problems = validate_rows(rows, kind)  # type: ignore[arg-type]
+    enforce(problems, on_error="error", total=len(rows), max_shown=50, what=path)
+    typer.echo(f"{path}: {len(samples)} valid {kind} rows")
+
+
+def _normalize_resume(argv: list[str]) -> list[str]:
+    """Let `--resume` stand alone (meaning latest): typer options always want a value."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--resume":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("-") or "=" in nxt:
+                out.append("latest")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _normalize_resume(list(sys.argv[1:] if argv is None else argv))
+    try:
+        app(args=args, prog_name="rlhfkit", standalone_mode=False)
+    except RlhfkitError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

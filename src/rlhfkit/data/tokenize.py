@@ -1,0 +1,146 @@
+"""Samples -> token ids and labels: chat templates, completion-only labels, truncation.
+
+Labels are -100 wherever no loss is taken. With a chat template, the conversation is rendered
+incrementally: the text before each trained assistant turn (ending with the generation prompt, e.g.
+`<|im_start|>assistant\\n`) is context, the turn itself (content plus the end-of-turn token) is trained.
+Without a template, prompt and completion are concatenated and an EOS token ends the completion so the
+model learns to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from rlhfkit.data.formats import Message, RowProblem, Sample
+
+IGNORE = -100
+
+
+@dataclass
+class TokenizedExample:
+    where: str
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def use_template(tokenizer: PreTrainedTokenizerBase, mode: str) -> bool:
+    """`mode` is auto (template if the tokenizer has one), always, or never."""
+    if mode == "never":
+        return False
+    if mode == "always" and not has_chat_template(tokenizer):
+        raise RowProblem("data.chat_template=always but the tokenizer has no chat template")
+    return has_chat_template(tokenizer)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def as_messages(sample: Sample) -> tuple[list[Message], int]:
+    """The conversation and the index of the first message that may be trained."""
+    if sample.messages is not None:
+        return sample.messages, 0
+    prompt, completion = sample.prompt, sample.completion
+    if isinstance(prompt, list):
+        return prompt + completion, len(prompt)  # type: ignore[operator]
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], 1  # type: ignore[list-item]
+
+
+def _chat_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message], first_trained: int) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into (text, trained) spans."""
+    full = render(tokenizer, messages, add_generation_prompt=False)
+    spans: list[tuple[str, bool]] = []
+    pos = 0
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant" or i < first_trained:
+            continue
+        if i == 0:
+            raise RowProblem("the conversation starts with an assistant message; nothing precedes it to condition on")
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (full.startswith(before) and full.startswith(through) and len(before) >= pos):
+            raise RowProblem(
+                "the model's chat template does not render this conversation incrementally, so assistant turns "
+                "cannot be located; set data.completion_only_loss=false"
+            )
+        spans.append((full[pos : len(before)], False))
+        spans.append((full[len(before) : len(through)], True))
+        pos = len(through)
+    spans.append((full[pos:], False))
+    return [s for s in spans if s[0]]
+
+
+def tokenize_sft(
+    sample: Sample,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    chat_template: str = "auto",
+    completion_only_loss: bool = True,
+    truncation: str = "right",
+) -> TokenizedExample:
+    """Tokenize one SFT sample. Raises RowProblem when it cannot be trained on."""
+    if sample.text is not None:
+        ids = _encode(tokenizer, sample.text) + [tokenizer.eos_token_id]
+        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+            ids = [tokenizer.bos_token_id] + ids
+        spans_ids = [(ids, True)]
+    elif use_template(tokenizer, chat_template):
+        messages, first = as_messages(sample)
+        spans_ids = [(_encode(tokenizer, text), trained) for text, trained in _chat_spans(tokenizer, messages, first)]
+    else:
+        if isinstance(sample.prompt, list) or sample.messages is not None:
+            raise RowProblem("chat messages need a chat template, but the tokenizer has none (or data.chat_template=never)")
+        prompt_ids = _encode(tokenizer, sample.prompt or "")
+        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+        spans_ids = [(prompt_ids, False), (_encode(tokenizer, sample.completion or "") + [tokenizer.eos_token_id], True)]
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, trained in spans_ids:
+        input_ids.extend(ids)
+        labels.extend(ids if (trained or not completion_only_loss) else [IGNORE] * len(ids))
+    if labels:
+        labels[0] = IGNORE  # the first token is never predicted (nothing precedes it)
+    if len(input_ids) > max_length:
+        first_label = next((i for i, t in enumerate(labels) if t != IGNORE), len(labels))
+        if truncation == "error":
+            raise RowProblem(f"longer than data.max_length after tokenization ({len(input_ids)} > {max_length} tokens)")
+        if first_label >= max_length:
+            raise RowProblem(
+                f"prompt is longer than data.max_length after tokenization ({first_label} >= {max_length} tokens), "
+                "so no completion token would be trained"
+            )
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if not any(t != IGNORE for t in labels):
+        raise RowProblem("no tokens to train on after tokenization (empty completion?)")
+    return TokenizedExample(sample.where, input_ids, labels)
+
+
+def tokenize_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase, chat_template: str = "auto") -> list[int]:
+    """Prompt ids ready for generation (with the generation prompt when a chat template is used)."""
+    prompt = sample.prompt
+    if use_template(tokenizer, chat_template):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return _encode(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+    if isinstance(prompt, list):
+        raise RowProblem("chat messages need a chat template, but the tokenizer has none (or data.chat_template=never)")
+    ids = _encode(tokenizer, prompt or "")
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids

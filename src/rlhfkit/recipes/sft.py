@@ -1,0 +1,289 @@
+"""`rlhfkit sft`: supervised fine-tuning of a causal LM on prompt/completion or chat data.
+
+The loop, top to bottom: validate and tokenize all data (nothing is written if it is bad), load the
+model (+ LoRA), create the run folder, then for each optimizer step take `grad_accum` micro-batches,
+weigh every labeled token equally across micro-batches and ranks, clip, step, log, evaluate, sample
+and checkpoint. The same file runs alone or under `torchrun` (DDP, data sharded by rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from rlhfkit.config import opt, section
+from rlhfkit.data.collate import pack_examples, packed_batch, pad_batch
+from rlhfkit.data.prepare import load_examples, split_holdout
+from rlhfkit.data.sampler import BatchSampler
+from rlhfkit.data.tokenize import TokenizedExample, tokenize_prompt, tokenize_sft
+from rlhfkit.errors import ConfigError
+from rlhfkit.losses.sft import sft_loss
+from rlhfkit.models.load import (
+    LoraConfig,
+    ModelConfig,
+    apply_lora,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+)
+from rlhfkit.rollout.generate import generate_text
+from rlhfkit.runtime.checkpoint import unwrap
+from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, local_rank_from_env, print0
+from rlhfkit.runtime.loop import (
+    TrainConfig,
+    autocast,
+    autocast_dtype,
+    build_optimizer,
+    build_scheduler,
+    prepare_run_dir,
+    restore_training_state,
+    save_training_state,
+    total_steps,
+)
+from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
+from rlhfkit.runtime.seeding import quiet_transformers, seed_everything
+
+
+@dataclass
+class SFTDataConfig:
+    train: str = opt("bundled:instructions", "training data: .jsonl/.json/.csv/.parquet file, bundled:NAME, or HF dataset name")
+    split: str = opt("train", "split to read when train is a Hugging Face dataset")
+    eval: str = opt("", "eval data (same forms as train); empty = hold out eval_fraction of train")
+    eval_split: str = opt("validation", "split to read when eval is a Hugging Face dataset")
+    eval_fraction: float = opt(0.05, "fraction of train held out for eval when eval is empty", ge=0.0, lt=1.0)
+    max_samples: int = opt(0, "use at most this many training rows; 0 = all", ge=0)
+    max_length: int = opt(512, "maximum tokens per example (and per packed row)", gt=1)
+    truncation: Literal["right", "error"] = opt("right", "too-long examples: cut the end (right) or report an error")
+    chat_template: Literal["auto", "always", "never"] = opt(
+        "auto", "apply the tokenizer's chat template: auto = when it has one"
+    )
+    completion_only_loss: bool = opt(True, "loss on completion/assistant tokens only (false: on every token)")
+    packing: bool = opt(False, "pack short examples into rows of max_length (position resets, no cross-attention)")
+    group_by_length: bool = opt(True, "batch examples of similar length together to reduce padding")
+    on_error: Literal["error", "skip"] = opt("error", "bad rows: stop listing them (error) or skip them (skip)")
+    max_errors_shown: int = opt(20, "how many bad rows to list before '... and N more'", gt=0)
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = opt("runs/sft", "run folder: config, metrics, TensorBoard logs, checkpoints, final model")
+    overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
+    seed: int = opt(42, "seed for model init, LoRA init, data order and sampling")
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(True, "write TensorBoard logs to output_dir/tensorboard")
+    sample_every: int = opt(0, "log sample generations every N steps; 0 = before and after training only", ge=0)
+    sample_prompts: list[str] = opt([], "prompts for sample generations; empty = the first 3 eval prompts")
+    sample_max_new_tokens: int = opt(64, "new tokens per sample generation", gt=0)
+    model: ModelConfig = section(ModelConfig, "model to fine-tune")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapter (or full fine-tuning when disabled)")
+    data: SFTDataConfig = section(SFTDataConfig, "training and eval data")
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimization"})
+
+    def validate(self) -> None:
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir", "expected a folder path for the run")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _prepare_data(cfg: SFTConfig, tokenizer, info: DistInfo) -> tuple[list, list, list[str]]:  # noqa: ANN001
+    d = cfg.data
+    tok = partial(
+        tokenize_sft, tokenizer=tokenizer, max_length=d.max_length, chat_template=d.chat_template,
+        completion_only_loss=d.completion_only_loss, truncation=d.truncation,
+    )
+    train, skipped = load_examples(d.train, "sft", lambda s: (tok(s), s), split=d.split, max_samples=d.max_samples,
+                                   on_error=d.on_error, max_errors_shown=d.max_errors_shown)
+    if d.eval:
+        evals, skipped_eval = load_examples(d.eval, "sft", lambda s: (tok(s), s), split=d.eval_split,
+                                            on_error=d.on_error, max_errors_shown=d.max_errors_shown)
+        skipped += skipped_eval
+    else:
+        train, evals = split_holdout(train, d.eval_fraction, cfg.seed)
+    return train, evals, skipped
+
+
+def _micro_items(examples: list[TokenizedExample], cfg: SFTConfig) -> list:
+    return pack_examples(examples, cfg.data.max_length) if cfg.data.packing else examples
+
+
+def _collate(items: list, cfg: SFTConfig, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    batch = packed_batch(items, pad_id) if cfg.data.packing else pad_batch(items, pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _count_labels(items: list) -> int:
+    return sum(sum(1 for t in it.labels[1:] if t != -100) for it in items)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, items: list, cfg: SFTConfig, pad_id: int, device: torch.device,
+             amp: torch.dtype | None, info: DistInfo) -> dict[str, float]:
+    """Token-weighted eval loss and accuracy over the eval set, sharded across ranks."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    mine = items[info.rank :: info.world_size]
+    for start in range(0, len(mine), cfg.train.eval_batch_size):
+        batch = _collate(mine[start : start + cfg.train.eval_batch_size], cfg, pad_id, device)
+        labels = batch.pop("labels")
+        with autocast(device, amp):
+            logits = model(**batch).logits
+        _, m = sft_loss(logits, labels)
+        totals += torch.tensor([m["nll_sum"].item(), m["num_tokens"].item(), m["num_correct"].item()], dtype=torch.float64)
+    totals = all_reduce_sum(totals, info)
+    model.train()
+    n = max(totals[1].item(), 1.0)
+    return {"eval/loss": totals[0].item() / n, "eval/token_accuracy": totals[2].item() / n, "eval/tokens": totals[1].item()}
+
+
+def sample(model: torch.nn.Module, tokenizer, prompts: list[str], cfg: SFTConfig) -> list[dict[str, str]]:  # noqa: ANN001
+    from rlhfkit.data.formats import Sample
+
+    ids = [tokenize_prompt(Sample("sample", prompt=p), tokenizer, cfg.data.chat_template) for p in prompts]
+    outs = generate_text(unwrap(model), tokenizer, ids, max_new_tokens=cfg.sample_max_new_tokens)
+    return [{"prompt": p, "completion": text} for p, (text, _, _) in zip(prompts, outs)]
+
+
+def train(cfg: SFTConfig, resume: str | None = None) -> Path:
+    """Run SFT; returns the folder of the final model. `resume` = 'latest' or a checkpoint path."""
+    device = resolve_device(cfg.model.device, local_rank_from_env())
+    info = init_distributed(device.type)
+    try:
+        return _train(cfg, resume, device, info)
+    finally:
+        cleanup()
+
+
+def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:
+    quiet_transformers()
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
+    train_pairs, eval_pairs, skipped = _prepare_data(cfg, tokenizer, info)
+    if skipped:
+        print0(info, f"skipped {len(skipped)} invalid row(s) (data.on_error=skip); first: {skipped[0]}")
+    train_items = _micro_items([t for t, _ in train_pairs], cfg)
+    eval_items = _micro_items([t for t, _ in eval_pairs], cfg)
+    prompts = cfg.sample_prompts or [s.prompt for _, s in eval_pairs[:3] if isinstance(s.prompt, str)]
+
+    model = load_causal_lm(cfg.model, device, tokenizer)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    trainable, total = count_parameters(model)
+    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
+    print0(info, f"model {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; "
+                 f"{len(train_pairs)} train / {len(eval_pairs)} eval examples; device {device}, {info.world_size} process(es)")
+
+    sampler = BatchSampler(len(train_items), cfg.train.batch_size, seed=cfg.seed, rank=info.rank,
+                           world_size=info.world_size, lengths=[len(i.input_ids) for i in train_items],
+                           group_by_length=cfg.data.group_by_length)
+    steps = total_steps(cfg.train, sampler.batches_per_epoch())
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, steps)
+    amp = autocast_dtype(cfg.train.mixed_precision, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+
+    start = 0
+    if resume is not None:
+        ckpt = restore_training_state(run_dir, resume, model=model, optimizer=optimizer, scheduler=scheduler, info=info)
+        sampler.load_state_dict(ckpt["sampler"])
+        start = ckpt["step"]
+        print0(info, f"resumed from {ckpt['folder']} at step {start}")
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
+    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
+                           resume_step=start if resume is not None else None)
+    pad_id = tokenizer.pad_token_id
+
+    def log_eval(step: int) -> None:
+        if eval_items:
+            metrics = evaluate(ddp, eval_items, cfg, pad_id, device, amp, info)
+            logger.log(step, metrics)
+            print0(info, f"step {step}: eval loss {metrics['eval/loss']:.4f}")
+        if prompts and info.is_main:
+            logger.samples(step, "samples", sample(model, tokenizer, prompts, cfg))
+
+    if start == 0:
+        log_eval(0)
+    bar = ProgressBar(steps, enabled=info.is_main and cfg.progress, start=start, description="sft")
+    model.train()
+    for step in range(start + 1, steps + 1):
+        t0 = time.perf_counter()
+        micro = [[train_items[i] for i in sampler.next()] for _ in range(cfg.train.grad_accum)]
+        # Normalise by the labeled tokens of the whole step, on all ranks (DDP averages gradients,
+        # hence the world_size factor), so every token has the same weight.
+        local_tokens = sum(_count_labels(m) for m in micro)
+        global_tokens = all_reduce_sum(torch.tensor(float(local_tokens)), info).item()
+        denom = max(global_tokens, 1.0) / info.world_size
+        stats = torch.zeros(3, dtype=torch.float64)
+        n_input = 0
+        for k, items in enumerate(micro):
+            batch = _collate(items, cfg, pad_id, device)
+            labels = batch.pop("labels")
+            n_input += batch["input_ids"].numel()
+            sync = k == len(micro) - 1 or not info.enabled
+            ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
+            with ctx:
+                with autocast(device, amp):
+                    logits = ddp(**batch).logits  # (B, T, V)
+                loss, m = sft_loss(logits, labels, num_tokens=denom)
+                (scaler.scale(loss) if scaler else loss).backward()
+            stats += torch.tensor([m["nll_sum"].item(), m["num_tokens"].item(), m["num_correct"].item()], dtype=torch.float64)
+        if scaler:
+            scaler.unscale_(optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        stats = all_reduce_sum(stats, info)
+        train_loss = stats[0].item() / max(stats[1].item(), 1.0)
+        elapsed = time.perf_counter() - t0
+        tokens_all = all_reduce_sum(torch.tensor(float(n_input)), info).item()
+        bar.update(1, int(tokens_all), f"loss {train_loss:.4f}")
+        if step % cfg.train.log_every == 0 or step == steps:
+            logger.log(step, {
+                "train/loss": train_loss, "train/token_accuracy": stats[2].item() / max(stats[1].item(), 1.0),
+                "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_all / elapsed,
+                "train/loss_tokens": stats[1].item(), "train/epoch": sampler.epoch + sampler.batch / sampler.batches_per_epoch(),
+            })
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps and eval_items:
+            logger.log(step, evaluate(ddp, eval_items, cfg, pad_id, device, amp, info))
+        if cfg.sample_every and step % cfg.sample_every == 0 and step != steps and prompts and info.is_main:
+            logger.samples(step, "samples", sample(model, tokenizer, prompts, cfg))
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == steps:
+            save_training_state(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                state={"sampler": sampler.state_dict()}, keep=cfg.train.save_total_limit, info=info)
+    bar.close()
+    log_eval(steps)
+    out = run_dir / "model"
+    if info.is_main:
+        save_final_model(model, tokenizer, out, merge=cfg.lora.merge)
+        print(f"saved model to {out}", flush=True)
+    logger.close()
+    return out
+
+
+def save_final_model(model: torch.nn.Module, tokenizer, out: Path, merge: bool) -> None:  # noqa: ANN001
+    """HF-loadable output: full weights, the PEFT adapter, or the adapter merged into the base."""
+    model = unwrap(model)
+    if merge and hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))

@@ -1,0 +1,79 @@
+"""One training loop for one process or many: set-up and helpers for torchrun / accelerate launch.
+
+Launchers export RANK, WORLD_SIZE and LOCAL_RANK; when they are absent we run as a single process.
+Backend: nccl on CUDA, gloo on CPU. Only rank 0 writes files and prints progress.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str = "cpu") -> DistInfo:
+    """Join the process group when launched by torchrun/accelerate; otherwise a single-process DistInfo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    return DistInfo(rank, world, local)
+
+
+def local_rank_from_env() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over ranks (returns a new tensor; a no-op copy on one process)."""
+    out = value.detach().clone()
+    if info.enabled:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def broadcast_object(obj: object, info: DistInfo) -> object:
+    """Send a picklable object from rank 0 to every rank (used for small control messages only)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def print0(info: DistInfo, *args: object) -> None:
+    if info.is_main:
+        print(*args, flush=True)
