@@ -130,7 +130,7 @@ def _build(cls: type, raw: Any, prefix: str, sources: dict[str, str]) -> Any:
             known = ", ".join(sorted(fields))
             raise ConfigError(full, f"unknown key{hint} (known keys here: {known})", sources.get(full))
     kwargs = {}
-    for name, f in fields.items():
+    for name in fields:
         if name not in raw:
             continue
         full = prefix + name
@@ -222,15 +222,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
         if isinstance(value, bool):
             raise fail
         if isinstance(value, (int, float)):
-            return float(value)
+            return _finite(float(value), fail)
         if isinstance(value, str):  # YAML reads "1e-4" as a string; accept any float literal
             try:
                 out = float(value)
             except ValueError:
                 raise fail from None
-            if math.isnan(out):
-                raise fail
-            return out
+            return _finite(out, fail)
         raise fail
     if tp is str:
         if isinstance(value, _CliValue):
@@ -245,6 +243,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     if tp is Any:
         return value
     raise ConfigError(key, f"unsupported field type {tp}", source)
+
+
+def _finite(value: float, fail: ConfigError) -> float:
+    if not math.isfinite(value):
+        raise fail
+    return value
 
 
 def _validate(cfg: Any, prefix: str, sources: dict[str, str]) -> None:

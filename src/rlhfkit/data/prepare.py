@@ -49,10 +49,10 @@ def load_examples(
 
 
 def split_holdout(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """Deterministically hold out `fraction` of items (at least 1 when fraction > 0 and n >= 2)."""
+    """Deterministically hold out `fraction` of items (at least 1, and never all, when fraction > 0 and n >= 2)."""
     if fraction <= 0 or len(items) < 2:
         return items, []
-    k = max(1, int(round(len(items) * fraction)))
+    k = min(len(items) - 1, max(1, int(round(len(items) * fraction))))  # keep >= 1 for training
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(order[:k])
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

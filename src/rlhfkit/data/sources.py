@@ -87,7 +87,7 @@ def _read_jsonl(path: Path) -> list[Row]:
             if not text.strip():
                 continue  # blank lines (often a trailing newline) are not rows
             try:
-                obj = json.loads(text)
+                obj = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 rows.append(Row(where, error=f"not valid JSON: {exc.msg} (column {exc.colno})"))
                 continue

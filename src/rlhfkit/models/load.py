@@ -224,6 +224,9 @@ def load_causal_lm(
         model.config.name_or_path = cfg.name  # adapters saved later name the spec as their base
     if resolved.kind == "tiny" and cfg.attn_implementation != "sdpa":
         model.config._attn_implementation = cfg.attn_implementation
+    # No KV cache in training forwards: with one, transformers skips packed-sequence detection and
+    # packed examples would attend to each other. Generation turns the cache on explicitly.
+    model.config.use_cache = False
     # Dropout off: PPO/DPO log-prob ratios and exact resume both need deterministic forwards.
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -267,7 +270,9 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task_type: str = "CAUSAL
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type=task_type
     )
     model = get_peft_model(model, peft_cfg)
-    if getattr(model, "is_gradient_checkpointing", False) or getattr(model.base_model.model, "is_gradient_checkpointing", False):
+    base = model.get_base_model()
+    if getattr(base, "is_activation_checkpointing", getattr(base, "gradient_checkpointing", False)):
+        # Checkpointed blocks need an input that requires grad, or no gradient reaches the adapters.
         model.enable_input_require_grads()
     return model
 

