@@ -204,3 +204,29 @@ def test_bundled_model_answers_in_english() -> None:
     assert "Paris" in text, text
     assert text.isascii() and len(text.split()) >= 3
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_grad_accumulation_weighs_every_token_equally(tmp_path: Path) -> None:
+    """batch 2 x accumulate 2 takes the same steps as batch 4 (token-weighted, not batch-averaged)."""
+    common = [*TINY, "train.max_steps=3", "data.group_by_length=false"]
+    train(load_config(SFTConfig, None, [*common, "train.batch_size=4", f"output_dir={tmp_path / 'a'}"]))
+    train(load_config(SFTConfig, None, [*common, "train.batch_size=2", "train.grad_accum=2", f"output_dir={tmp_path / 'b'}"]))
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    for step in (1, 2, 3):
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+def test_lora_merge_writes_a_full_model_and_options_run(tmp_path: Path) -> None:
+    """LoRA + merge gives a plain HF model; gradient checkpointing and CPU bf16 autocast train too."""
+    run = tmp_path / "run"
+    args = [*TINY, "lora.enabled=true", "lora.r=4", "lora.merge=true", "train.max_steps=2", "train.lr=1e-2",
+            "model.gradient_checkpointing=true", "train.mixed_precision=bf16", f"output_dir={run}"]
+    train(load_config(SFTConfig, None, args))
+    from transformers import AutoModelForCausalLM
+
+    assert not (run / "model" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert merged.config.use_cache is True
+    losses = _losses(run)
+    assert all(v == v for v in losses.values()) and len(losses) == 2  # finite, both steps logged
+    assert (run / "tensorboard").is_dir() is False or any((run / "tensorboard").iterdir())

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from rlhfkit.config import opt
 from rlhfkit.errors import ConfigError, ModelError
 from rlhfkit.models.bundled import prepare_bundled, prepare_bundled_tokenizer, prepare_gguf
-from rlhfkit.models.tiny import build_tiny
+from rlhfkit.models.tiny import TINY_ARCHS, build_tiny
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,7 +118,11 @@ def resolve_spec(spec: str) -> ResolvedSpec:
     if spec.startswith("bundled:"):
         return ResolvedSpec("bundled", str(prepare_bundled(spec.split(":", 1)[1])))
     if spec.startswith("tiny:"):
-        return ResolvedSpec("tiny", spec.split(":", 1)[1])
+        arch = spec.split(":", 1)[1]
+        if arch not in TINY_ARCHS:
+            raise ModelError(f"unknown tiny architecture 'tiny:{arch}'; available: "
+                             + ", ".join(f"tiny:{a}" for a in TINY_ARCHS))
+        return ResolvedSpec("tiny", arch)
     path = Path(os.path.expanduser(spec))
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -148,7 +152,7 @@ def _hub_error(spec: str, exc: Exception) -> ModelError:
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False, revision: str = "") -> PreTrainedTokenizerBase:
     """The tokenizer for a model spec, with a pad token set (eos if the tokenizer has none)."""
-    resolved = resolve_spec(spec) if not spec.startswith("tiny:") else ResolvedSpec("tiny", spec[5:])
+    resolved = resolve_spec(spec)
     if resolved.kind == "tiny":
         source = str(prepare_bundled_tokenizer())
     elif resolved.kind == "adapter":
@@ -232,7 +236,11 @@ def load_causal_lm(
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if device is not None:
         model.to(device)
