@@ -50,6 +50,7 @@ from rlhfkit.runtime.loop import (
     autocast_dtype,
     build_optimizer,
     build_scheduler,
+    optimizer_step,
     prepare_run_dir,
     restore_training_state,
     save_training_state,
@@ -243,19 +244,7 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
                 loss, m = sft_loss(logits, labels, num_tokens=denom)
                 (scaler.scale(loss) if scaler else loss).backward()
             stats += torch.tensor([m["nll_sum"].item(), m["num_tokens"].item(), m["num_correct"].item()], dtype=torch.float64)
-        if scaler:
-            scaler.unscale_(optimizer)
-        params = [p for p in model.parameters() if p.requires_grad]
-        max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg.train.max_grad_norm, scaler)
 
         stats = all_reduce_sum(stats, info)
         train_loss = stats[0].item() / max(stats[1].item(), 1.0)

@@ -85,6 +85,29 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimizer_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, max_grad_norm: float,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[float, float]:
+    """Unscale (fp16), clip the global grad norm (0 = no clipping), step, advance the schedule, zero grads.
+
+    Returns (grad_norm before clipping, learning rate used for this step).
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")).item()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "no":
         return None
