@@ -76,6 +76,20 @@ def sft(
 
 
 @app.command(context_settings=RECIPE_CONTEXT)
+def dpo(
+    ctx: typer.Context,
+    config: Optional[Path] = CONFIG_OPT,
+    print_config: bool = PRINT_OPT,
+    resume: Optional[str] = RESUME_OPT,
+) -> None:
+    """Direct Preference Optimization on prompt/chosen/rejected pairs (sigmoid, IPO, hinge, conservative)."""
+    from rlhfkit.recipes.dpo import DPOConfig, train
+
+    cfg = _load(DPOConfig, config, list(ctx.args), print_config)
+    train(cfg, resume=resume)
+
+
+@app.command(context_settings=RECIPE_CONTEXT)
 def demo(ctx: typer.Context) -> None:
     """The quick-start demo: fine-tune the bundled SmolLM2 and show answers before and after."""
     from rlhfkit.demo import main as demo_main

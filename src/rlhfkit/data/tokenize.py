@@ -144,3 +144,40 @@ def tokenize_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase, chat_tem
     if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
         ids = [tokenizer.bos_token_id] + ids
     return ids
+
+
+@dataclass
+class PairExample:
+    """A tokenized preference pair: both responses after the same prompt, loss labels on responses."""
+
+    where: str
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+    margin: float | None = None
+
+    @property
+    def length(self) -> int:
+        return max(len(self.chosen.input_ids), len(self.rejected.input_ids))
+
+
+def tokenize_preference(
+    sample: Sample,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    chat_template: str = "auto",
+    truncation: str = "right",
+) -> PairExample:
+    """Tokenize prompt+chosen and prompt+rejected exactly as SFT would (labels on the response only)."""
+    from dataclasses import replace
+
+    def one(response: object, name: str) -> TokenizedExample:
+        try:
+            return tokenize_sft(replace(sample, completion=response, chosen=None, rejected=None), tokenizer,
+                                max_length=max_length, chat_template=chat_template, truncation=truncation)
+        except RowProblem as exc:
+            raise RowProblem(f"{name}: {exc}") from None
+
+    if isinstance(sample.prompt, list) != isinstance(sample.chosen, list):
+        raise RowProblem("fields 'prompt' and 'chosen' must both be strings or both be message lists")
+    return PairExample(sample.where, one(sample.chosen, "chosen"), one(sample.rejected, "rejected"), sample.margin)

@@ -1,0 +1,390 @@
+"""`rlhfkit dpo`: Direct Preference Optimization on prompt/chosen/rejected pairs.
+
+Top to bottom: validate and tokenize the pairs (nothing is written if one is bad), load the policy
+(+ LoRA), get reference log-probs (precomputed once and cached on disk, or live: the base with
+adapters disabled under LoRA, a frozen copy otherwise), then for each step run chosen and rejected
+through the policy in one forward, take summed response log-probs without a full-vocabulary
+log-softmax, apply the selected loss from losses/dpo.py, and log the implicit-reward metrics.
+The same file runs alone or under `torchrun`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from rlhfkit.config import opt, section
+from rlhfkit.data.collate import pad_batch
+from rlhfkit.data.prepare import load_examples, split_holdout
+from rlhfkit.data.sampler import BatchSampler
+from rlhfkit.data.tokenize import PairExample, tokenize_preference
+from rlhfkit.errors import ConfigError
+from rlhfkit.losses.dpo import dpo_loss
+from rlhfkit.losses.logprobs import sequence_logprobs
+from rlhfkit.models.bundled import cache_dir
+from rlhfkit.models.load import (
+    LoraConfig,
+    ModelConfig,
+    apply_lora,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+)
+from rlhfkit.recipes.sft import save_final_model
+from rlhfkit.runtime.checkpoint import unwrap
+from rlhfkit.runtime.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    init_distributed,
+    local_rank_from_env,
+    print0,
+)
+from rlhfkit.runtime.loop import (
+    TrainConfig,
+    autocast,
+    autocast_dtype,
+    build_optimizer,
+    build_scheduler,
+    optimizer_step,
+    prepare_run_dir,
+    restore_training_state,
+    save_training_state,
+    total_steps,
+)
+from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
+from rlhfkit.runtime.seeding import quiet_transformers, seed_everything
+
+
+@dataclass
+class DPODataConfig:
+    train: str = opt("", "preference data (prompt, chosen, rejected): .jsonl/.json/.csv/.parquet, bundled:NAME or HF name")
+    split: str = opt("train", "split to read when train is a Hugging Face dataset")
+    eval: str = opt("", "eval pairs (same forms as train); empty = hold out eval_fraction of train")
+    eval_split: str = opt("validation", "split to read when eval is a Hugging Face dataset")
+    eval_fraction: float = opt(0.05, "fraction of train held out for eval when eval is empty", ge=0.0, lt=1.0)
+    max_samples: int = opt(0, "use at most this many training pairs; 0 = all", ge=0)
+    max_length: int = opt(512, "maximum tokens of prompt + response", gt=1)
+    truncation: Literal["right", "error"] = opt("right", "too-long pairs: cut the response end (right) or report an error")
+    chat_template: Literal["auto", "always", "never"] = opt("auto", "apply the tokenizer's chat template: auto = when it has one")
+    group_by_length: bool = opt(True, "batch pairs of similar length together to reduce padding")
+    on_error: Literal["error", "skip"] = opt("error", "bad rows: stop listing them (error) or skip them (skip)")
+    max_errors_shown: int = opt(20, "how many bad rows to list before '... and N more'", gt=0)
+
+
+@dataclass
+class DPOLossConfig:
+    beta: float = opt(0.1, "strength of the implicit KL constraint (higher = stay closer to the reference)", gt=0.0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = opt("sigmoid", "sigmoid (DPO), ipo (Azar et al.) or hinge (SLiC)")
+    label_smoothing: float = opt(0.0, "conservative DPO: assumed fraction of flipped labels (sigmoid only)", ge=0.0, lt=0.5)
+    precompute_ref: bool = opt(True, "compute reference log-probs once before training and cache them on disk")
+    ref_model: str = opt("", "reference model spec; empty = the starting policy (base weights under LoRA)")
+    logprob_chunk: int = opt(128, "positions per chunk when computing log-probs (bounds float32 memory)", gt=0)
+
+    def validate(self) -> None:
+        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
+            raise ConfigError("label_smoothing", "only applies to loss_type=sigmoid (conservative DPO)")
+
+
+@dataclass
+class DPOConfig:
+    output_dir: str = opt("runs/dpo", "run folder: config, metrics, TensorBoard logs, checkpoints, final model")
+    overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
+    seed: int = opt(42, "seed for model init, LoRA init and data order")
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(True, "write TensorBoard logs to output_dir/tensorboard")
+    model: ModelConfig = section(ModelConfig, "policy model to fine-tune (also the reference unless dpo.ref_model is set)")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapter (the reference is then the base with adapters disabled)")
+    data: DPODataConfig = section(DPODataConfig, "preference data")
+    dpo: DPOLossConfig = section(DPOLossConfig, "DPO loss and reference model")
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, batch_size=4),
+                               metadata={"help": "optimization (batch_size counts pairs)"})
+
+    def validate(self) -> None:
+        if not self.data.train.strip():
+            raise ConfigError("data.train", "expected a preference data file or dataset name")
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-probs
+
+
+def _pair_batch(pairs: list[PairExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows: one forward of 2B sequences (B, T) each half."""
+    batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: torch.dtype | None,
+               chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed response log-probs (2B,), response token counts (2B,)) for a `_pair_batch`."""
+    device = batch["input_ids"].device
+    with autocast(device, amp):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return sequence_logprobs(logits, batch["labels"], chunk_size=chunk)
+
+
+@contextlib.contextmanager
+def reference_mode(model: torch.nn.Module, ref_model: torch.nn.Module | None):
+    """Yield the module that computes reference log-probs: the frozen copy, or the base (adapters off)."""
+    if ref_model is not None:
+        yield ref_model
+    else:
+        inner = unwrap(model)
+        with inner.disable_adapter():
+            yield inner
+
+
+@torch.no_grad()
+def compute_reference(model: torch.nn.Module, ref_model: torch.nn.Module | None, pairs: list[PairExample], *,
+                      batch_size: int, pad_id: int, device: torch.device, amp: torch.dtype | None, chunk: int,
+                      info: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of every pair, each rank computing a shard: ((N,), (N,)) chosen, rejected."""
+    chosen = torch.zeros(len(pairs), dtype=torch.float64)
+    rejected = torch.zeros(len(pairs), dtype=torch.float64)
+    mine = list(range(info.rank, len(pairs), info.world_size))
+    with reference_mode(model, ref_model) as ref:
+        was = ref.training
+        ref.eval()
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start : start + batch_size]
+            logps, _ = pair_logps(ref, _pair_batch([pairs[i] for i in idx], pad_id, device), amp, chunk)
+            n = len(idx)
+            chosen[idx] = logps[:n].double().cpu()
+            rejected[idx] = logps[n:].double().cpu()
+        ref.train(was)
+    return all_reduce_sum(chosen, info).float(), all_reduce_sum(rejected, info).float()
+
+
+def reference_cache_key(ref: torch.nn.Module, pairs: list[PairExample], amp: torch.dtype | None) -> str:
+    """Hash of the reference weights (base weights under LoRA), the tokenized pairs and the precision."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"rlhfkit-ref-logps-v1|{amp}".encode())
+    for name, tensor in sorted(unwrap(ref).state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    for p in pairs:
+        for ex in (p.chosen, p.rejected):
+            h.update(torch.tensor(ex.input_ids, dtype=torch.int64).numpy().tobytes())
+            h.update(torch.tensor(ex.labels, dtype=torch.int64).numpy().tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def cached_reference(model: torch.nn.Module, ref_model: torch.nn.Module | None, pairs: list[PairExample],
+                     **kwargs: object) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Reference log-probs from `$RLHFKIT_CACHE/ref_logps/<key>.safetensors`, computing them on a miss."""
+    info: DistInfo = kwargs["info"]  # type: ignore[assignment]
+    key = reference_cache_key(ref_model if ref_model is not None else model, pairs, kwargs["amp"])  # type: ignore[arg-type]
+    path = cache_dir() / "ref_logps" / f"{key}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return t["chosen"], t["rejected"], True
+    chosen, rejected = compute_reference(model, ref_model, pairs, **kwargs)  # type: ignore[arg-type]
+    if info.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
+        tmp.replace(path)
+    barrier(info)
+    return chosen, rejected, False
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _stats(losses: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, pc: torch.Tensor, pr: torch.Tensor) -> torch.Tensor:
+    """Sums to all-reduce: count, loss, reward chosen/rejected, accuracy, margin, logps chosen/rejected."""
+    return torch.stack([
+        torch.tensor(float(losses.numel())), losses.detach().sum().cpu(), rc.sum().cpu(), rr.sum().cpu(),
+        (rc > rr).float().sum().cpu(), (rc - rr).sum().cpu(), pc.detach().sum().cpu(), pr.detach().sum().cpu(),
+    ]).double()
+
+
+def _metrics(prefix: str, s: torch.Tensor) -> dict[str, float]:
+    n = max(s[0].item(), 1.0)
+    return {
+        f"{prefix}loss": s[1].item() / n, f"{prefix}rewards/chosen": s[2].item() / n,
+        f"{prefix}rewards/rejected": s[3].item() / n, f"{prefix}rewards/accuracies": s[4].item() / n,
+        f"{prefix}rewards/margins": s[5].item() / n, f"{prefix}logps/chosen": s[6].item() / n,
+        f"{prefix}logps/rejected": s[7].item() / n,
+    }
+
+
+def _loss(cfg: DPOConfig, logps: torch.Tensor, counts: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor):  # noqa: ANN202
+    n = ref_c.numel()
+    return dpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+                    label_smoothing=cfg.dpo.label_smoothing, chosen_lengths=counts[:n], rejected_lengths=counts[n:])
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, pairs: list[PairExample], ref: tuple[torch.Tensor, torch.Tensor], cfg: DPOConfig,
+             pad_id: int, device: torch.device, amp: torch.dtype | None, info: DistInfo) -> dict[str, float]:
+    model.eval()
+    totals = torch.zeros(8, dtype=torch.float64)
+    mine = list(range(info.rank, len(pairs), info.world_size))
+    for start in range(0, len(mine), cfg.train.eval_batch_size):
+        idx = mine[start : start + cfg.train.eval_batch_size]
+        logps, counts = pair_logps(model, _pair_batch([pairs[i] for i in idx], pad_id, device), amp, cfg.dpo.logprob_chunk)
+        rc, rr = ref[0][idx].to(device), ref[1][idx].to(device)
+        losses, cr, rj = _loss(cfg, logps, counts, rc, rr)
+        totals += _stats(losses, cr, rj, logps[: len(idx)], logps[len(idx) :])
+    model.train()
+    return _metrics("eval/", all_reduce_sum(totals, info))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg: DPOConfig, resume: str | None = None) -> Path:
+    """Run DPO; returns the folder of the final model. `resume` = 'latest' or a checkpoint path."""
+    device = resolve_device(cfg.model.device, local_rank_from_env())
+    info = init_distributed(device.type)
+    try:
+        return _train(cfg, resume, device, info)
+    finally:
+        cleanup()
+
+
+def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:
+    quiet_transformers()
+    seed_everything(cfg.seed)
+    d = cfg.data
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
+    tok = partial(tokenize_preference, tokenizer=tokenizer, max_length=d.max_length, chat_template=d.chat_template,
+                  truncation=d.truncation)
+    pairs, skipped = load_examples(d.train, "preference", tok, split=d.split, max_samples=d.max_samples,
+                                   on_error=d.on_error, max_errors_shown=d.max_errors_shown)
+    if d.eval:
+        eval_pairs, more = load_examples(d.eval, "preference", tok, split=d.eval_split, on_error=d.on_error,
+                                         max_errors_shown=d.max_errors_shown)
+        skipped += more
+    else:
+        pairs, eval_pairs = split_holdout(pairs, d.eval_fraction, cfg.seed)
+    if skipped:
+        print0(info, f"skipped {len(skipped)} invalid row(s) (data.on_error=skip); first: {skipped[0]}")
+
+    model = load_causal_lm(cfg.model, device, tokenizer)
+    # The reference: another model, or the starting policy. Under LoRA that is the base with adapters
+    # disabled (ref_model None, no second copy); a full fine-tune needs a frozen copy only when the
+    # reference runs live; precomputing uses the policy itself before its first update.
+    ref_model = None
+    if cfg.dpo.ref_model:
+        ref_cfg = ModelConfig(**{**cfg.model.__dict__, "name": cfg.dpo.ref_model, "gradient_checkpointing": False})
+        ref_model = load_causal_lm(ref_cfg, device).eval().requires_grad_(False)
+    elif not cfg.lora.enabled:
+        ref_model = model if cfg.dpo.precompute_ref else copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    trainable, total = count_parameters(model)
+    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
+    print0(info, f"policy {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; {len(pairs)} train / "
+                 f"{len(eval_pairs)} eval pairs; reference: {'precomputed' if cfg.dpo.precompute_ref else 'live'}, "
+                 f"{cfg.dpo.ref_model or ('base without adapters' if cfg.lora.enabled else 'starting policy')}")
+
+    amp = autocast_dtype(cfg.train.mixed_precision, device)
+    pad_id = tokenizer.pad_token_id
+    ref_kwargs = {"batch_size": cfg.train.eval_batch_size, "pad_id": pad_id, "device": device, "amp": amp,
+                  "chunk": cfg.dpo.logprob_chunk, "info": info}
+    eval_ref = None
+    if cfg.dpo.precompute_ref:
+        t0 = time.perf_counter()
+        ref_c, ref_r, hit = cached_reference(model, ref_model, pairs, **ref_kwargs)
+        if eval_pairs:
+            eval_ref = cached_reference(model, ref_model, eval_pairs, **ref_kwargs)[:2]
+        print0(info, f"reference log-probs {'loaded from cache' if hit else 'computed'} in {time.perf_counter() - t0:.1f} s")
+        ref_model = None  # not needed any more: training runs the policy only
+    elif eval_pairs:
+        eval_ref = compute_reference(model, ref_model, eval_pairs, **ref_kwargs)
+
+    sampler = BatchSampler(len(pairs), cfg.train.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                           lengths=[p.length for p in pairs], group_by_length=d.group_by_length)
+    steps = total_steps(cfg.train, sampler.batches_per_epoch())
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, steps)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    start = 0
+    if resume is not None:
+        ckpt = restore_training_state(run_dir, resume, model=model, optimizer=optimizer, scheduler=scheduler, info=info)
+        sampler.load_state_dict(ckpt["sampler"])
+        start = ckpt["step"]
+        print0(info, f"resumed from {ckpt['folder']} at step {start}")
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
+    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
+                           resume_step=start if resume is not None else None)
+
+    def log_eval(step: int) -> None:
+        if eval_pairs and eval_ref is not None:
+            m = evaluate(ddp, eval_pairs, eval_ref, cfg, pad_id, device, amp, info)
+            logger.log(step, m)
+            print0(info, f"step {step}: eval loss {m['eval/loss']:.4f}, accuracy {m['eval/rewards/accuracies']:.3f}, "
+                         f"margin {m['eval/rewards/margins']:.4f}")
+
+    if start == 0:
+        log_eval(0)
+    bar = ProgressBar(steps, enabled=info.is_main and cfg.progress, start=start, description="dpo")
+    model.train()
+    for step in range(start + 1, steps + 1):
+        t0 = time.perf_counter()
+        stats = torch.zeros(8, dtype=torch.float64)
+        n_tokens = 0
+        for k in range(cfg.train.grad_accum):
+            idx = sampler.next()
+            batch = _pair_batch([pairs[i] for i in idx], pad_id, device)
+            n_tokens += int(batch["attention_mask"].sum())
+            if cfg.dpo.precompute_ref:
+                rc, rr = ref_c[idx].to(device), ref_r[idx].to(device)
+            else:
+                with torch.no_grad(), reference_mode(model, ref_model) as ref:
+                    ref_logps, _ = pair_logps(ref, batch, amp, cfg.dpo.logprob_chunk)
+                rc, rr = ref_logps[: len(idx)], ref_logps[len(idx) :]
+            sync = k == cfg.train.grad_accum - 1 or not info.enabled
+            with ddp.no_sync() if not sync else contextlib.nullcontext():
+                logps, counts = pair_logps(ddp, batch, amp, cfg.dpo.logprob_chunk)  # (2B,)
+                losses, chosen_r, rejected_r = _loss(cfg, logps, counts, rc, rr)
+                # Every pair weighs the same: mean over the micro-batch, averaged over micro-batches
+                # (all micro-batches hold batch_size pairs) and over ranks (by DDP).
+                loss = losses.mean() / cfg.train.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+            stats += _stats(losses, chosen_r, rejected_r, logps[: len(idx)], logps[len(idx) :])
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg.train.max_grad_norm, scaler)
+        stats = all_reduce_sum(stats, info)
+        elapsed = time.perf_counter() - t0
+        tokens_all = all_reduce_sum(torch.tensor(float(n_tokens)), info).item()
+        metrics = _metrics("train/", stats)
+        bar.update(1, int(tokens_all), f"loss {metrics['train/loss']:.4f} acc {metrics['train/rewards/accuracies']:.2f}")
+        if step % cfg.train.log_every == 0 or step == steps:
+            logger.log(step, {**metrics, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_all / elapsed,
+                              "train/pairs_per_s": stats[0].item() / elapsed,
+                              "train/epoch": sampler.epoch + sampler.batch / sampler.batches_per_epoch()})
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
+            log_eval(step)
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == steps:
+            save_training_state(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                state={"sampler": sampler.state_dict()}, keep=cfg.train.save_total_limit, info=info)
+    bar.close()
+    log_eval(steps)
+    out = run_dir / "model"
+    if info.is_main:
+        save_final_model(model, tokenizer, out, merge=cfg.lora.merge)
+        print(f"saved model to {out}", flush=True)
+    logger.close()
+    return out
+
