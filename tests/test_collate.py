@@ -190,7 +190,9 @@ def test_sampler_state_restores_the_seed():
 
 def test_sampler_resume_with_different_num_items():
     state = BatchSampler(10, 3, seed=0).state_dict()
-    with pytest.raises(ValueError) as info:
+    from rlhfkit.errors import RlhfkitError
+
+    with pytest.raises(RlhfkitError) as info:
         BatchSampler(11, 3, seed=0).load_state_dict(state)
     assert str(info.value) == (
         "the checkpoint was taken on 10 training items but the data now has 11; resume needs the same data"

@@ -291,10 +291,10 @@ def test_enforce_error_lists_problems_and_suggests_skip():
     with pytest.raises(DataError) as info:
         enforce(probs, on_error="error", total=5, what="train.jsonl")
     assert str(info.value) == (
-        "2 invalid row(s) in the train.jsonl (nothing was written):\n"
+        "2 invalid row(s) in train.jsonl:\n"
         "  f:1: field 'prompt' is missing\n"
         "  f:3: field 'text' is empty\n"
-        "Fix them, or set data.on_error=skip to train on the valid rows only."
+        "Fix them, or set data.on_error=skip to train on the valid rows only (nothing was written)."
     )
     assert info.value.problems == probs
 
@@ -304,10 +304,10 @@ def test_enforce_error_caps_the_list():
     with pytest.raises(DataError) as info:
         enforce(probs, on_error="error", total=10, max_shown=3)
     assert str(info.value) == (
-        "7 invalid row(s) in the data (nothing was written):\n"
+        "7 invalid row(s) in data:\n"
         "  f:1: bad\n  f:2: bad\n  f:3: bad\n"
         "  ... and 4 more\n"
-        "Fix them, or set data.on_error=skip to train on the valid rows only."
+        "Fix them, or set data.on_error=skip to train on the valid rows only (nothing was written)."
     )
     assert info.value.problems == probs  # the full list stays available
 
@@ -321,7 +321,7 @@ def test_enforce_skip_with_every_row_bad_still_raises():
     probs = ["f:1: bad", "f:2: bad", "f:3: bad"]
     with pytest.raises(DataError) as info:
         enforce(probs, on_error="skip", total=3, max_shown=2, what="d.jsonl")
-    assert str(info.value) == "every row of the d.jsonl is invalid (3 rows):\n  f:1: bad\n  f:2: bad\n  ... and 1 more"
+    assert str(info.value) == "every row of d.jsonl is invalid (3 rows):\n  f:1: bad\n  f:2: bad\n  ... and 1 more"
     assert info.value.problems == probs
 
 
@@ -365,9 +365,9 @@ def test_load_examples_collects_schema_and_transform_problems_in_file_order(tmp_
         load_examples(str(path), "sft", _upper)
     assert info.value.problems == expected
     assert str(info.value) == (
-        f"4 invalid row(s) in the {path} (nothing was written):\n"
+        f"4 invalid row(s) in {path}:\n"
         + "".join(f"  {p}\n" for p in expected)
-        + "Fix them, or set data.on_error=skip to train on the valid rows only."
+        + "Fix them, or set data.on_error=skip to train on the valid rows only (nothing was written)."
     )
 
 
@@ -376,10 +376,10 @@ def test_load_examples_max_errors_shown(tmp_path):
     with pytest.raises(DataError) as info:
         load_examples(str(path), "sft", _upper, max_errors_shown=1)
     assert str(info.value) == (
-        f"4 invalid row(s) in the {path} (nothing was written):\n"
+        f"4 invalid row(s) in {path}:\n"
         f"  {path}:1: field 'completion' is missing\n"
         "  ... and 3 more\n"
-        "Fix them, or set data.on_error=skip to train on the valid rows only."
+        "Fix them, or set data.on_error=skip to train on the valid rows only (nothing was written)."
     )
 
 
@@ -388,7 +388,7 @@ def test_load_examples_skip_with_every_row_bad_raises(tmp_path):
     with pytest.raises(DataError) as info:
         load_examples(str(path), "sft", _upper, on_error="skip")
     assert str(info.value) == (
-        f"every row of the {path} is invalid (2 rows):\n"
+        f"every row of {path} is invalid (2 rows):\n"
         f"  {path}:1: field 'completion' is missing\n"
         f"  {path}:2: prompt is longer than data.max_length"
     )

@@ -28,7 +28,9 @@ app = typer.Typer(
 models_app = typer.Typer(help="Prepare and inspect models.", no_args_is_help=True)
 data_app = typer.Typer(help="Validate data files.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+feedback_app = typer.Typer(help="Produce preference data (simulated annotators).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(feedback_app, name="feedback")
 
 RECIPE_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config file.", show_default=False)
@@ -90,8 +92,63 @@ def dpo(
 
 
 @app.command(context_settings=RECIPE_CONTEXT)
+def reward(
+    ctx: typer.Context,
+    config: Optional[Path] = CONFIG_OPT,
+    print_config: bool = PRINT_OPT,
+    resume: Optional[str] = RESUME_OPT,
+) -> None:
+    """Train a reward model: pairwise (Bradley-Terry), regression on ratings, or classification.
+
+    `rlhfkit reward score --model M --data F --output O` scores a file with a trained reward model.
+    """
+    from rlhfkit.recipes.reward import RewardConfig, train
+
+    cfg = _load(RewardConfig, config, list(ctx.args), print_config)
+    train(cfg, resume=resume)
+
+
+@app.command("reward-score", hidden=True)
+def reward_score(
+    model: str = typer.Option(..., "--model", help="Reward model folder (output of rlhfkit reward)."),
+    data: str = typer.Option(..., "--data", help="prompt+response rows, or prompt/chosen/rejected pairs."),
+    output: str = typer.Option(..., "--output", "-o", help="JSONL file to write (inputs plus scores)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    max_length: int = typer.Option(1024, "--max-length", min=2),
+) -> None:
+    """Score a data file with a reward model (rlhfkit reward score ...)."""
+    from rlhfkit.recipes.reward import score_file
+
+    path = score_file(model, data, output, batch_size=batch_size, max_length=max_length)
+    typer.echo(f"wrote {path}")
+
+
+@feedback_app.command("simulate")
+def feedback_simulate(
+    model: str = typer.Option("bundled:smollm2-135m-instruct", "--model", help="Model that writes the candidate answers."),
+    prompts: str = typer.Option(..., "--prompts", help="Prompt rows: a file, bundled:NAME or HF dataset name."),
+    output: str = typer.Option(..., "--output", "-o", help="Preference JSONL file to write."),
+    annotator: str = typer.Option("sentiment", "--annotator", help="sentiment, length, or module:attribute."),
+    samples_per_prompt: int = typer.Option(2, "--samples-per-prompt", min=2),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0),
+    seed: int = typer.Option(0, "--seed"),
+    max_prompts: int = typer.Option(0, "--max-prompts", min=0, help="0 = all prompts."),
+) -> None:
+    """Sample answers, label them with a simulated annotator, and write a preference file."""
+    from rlhfkit.feedback import simulate_feedback
+
+    stats = simulate_feedback(model, prompts, output, annotator=annotator, samples_per_prompt=samples_per_prompt,
+                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, max_prompts=max_prompts)
+    typer.echo(f"wrote {output}: " + ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list))))
+
+
+@app.command(context_settings=RECIPE_CONTEXT)
 def demo(ctx: typer.Context) -> None:
-    """The quick-start demo: fine-tune the bundled SmolLM2 and show answers before and after."""
+    """The quick-start demo: sample, label (simulated annotator), DPO + reward model, before/after.
+
+    `rlhfkit demo --sft` runs the supervised fine-tuning demo instead.
+    """
     from rlhfkit.demo import main as demo_main
 
     demo_main(list(ctx.args))
@@ -103,13 +160,18 @@ def models_prepare(spec: str = typer.Argument("bundled:smollm2-135m-instruct", h
     from rlhfkit.models.load import resolve_spec
 
     resolved = resolve_spec(spec)
-    typer.echo(resolved.target)
+    if resolved.kind == "tiny":
+        typer.echo(f"{spec} is built in memory on use (random weights, bundled tokenizer); nothing to prepare")
+    elif resolved.kind == "hub":
+        typer.echo(f"{spec} is a hub id: it is downloaded by transformers on first use (needs network access)")
+    else:
+        typer.echo(resolved.target)
 
 
 @data_app.command("validate")
 def data_validate(
     path: str = typer.Argument(..., help="Data file, bundled:NAME or HF dataset name."),
-    kind: str = typer.Option("sft", "--kind", help="sft, preference, prompt or rating."),
+    kind: str = typer.Option("sft", "--kind", help="sft, preference, prompt, rating or classification."),
     split: str = typer.Option("train", "--split", help="Split for HF datasets."),
 ) -> None:
     """Check every row of a data file against a format and list the problems."""
@@ -119,13 +181,21 @@ def data_validate(
     if kind not in VALIDATORS:
         raise RlhfkitError(f"--kind: expected one of {', '.join(VALIDATORS)}, got {kind!r}")
     rows = load_rows(path, split=split)
+    if not rows:
+        raise RlhfkitError(f"{path}: no rows found")
     samples, problems = validate_rows(rows, kind)  # type: ignore[arg-type]
-    enforce(problems, on_error="error", total=len(rows), max_shown=50, what=path)
+    enforce(problems, on_error="error", total=len(rows), max_shown=50, what=path, hint="")
     typer.echo(f"{path}: {len(samples)} valid {kind} rows")
 
 
 def _normalize_resume(argv: list[str]) -> list[str]:
-    """Let `--resume` stand alone (meaning latest): typer options always want a value."""
+    """Let `--resume` stand alone (meaning latest): typer options always want a value.
+
+    Also maps `reward score ...` to the hidden `reward-score` command: `reward` itself takes free
+    `key=value` overrides, so it cannot be a command group.
+    """
+    if argv[:2] == ["reward", "score"]:
+        argv = ["reward-score", *argv[2:]]
     out = []
     for i, arg in enumerate(argv):
         out.append(arg)
@@ -137,6 +207,10 @@ def _normalize_resume(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import warnings
+
+    # peft still calls transformers' deprecated alias on every LoRA model; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = _normalize_resume(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=args, prog_name="rlhfkit", standalone_mode=False)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhfkit.errors import RlhfkitError
+
 
 class BatchSampler:
     def __init__(
@@ -83,7 +85,7 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("num_items") != self.num_items:
-            raise ValueError(
+            raise RlhfkitError(
                 f"the checkpoint was taken on {state.get('num_items')} training items but the data now has "
                 f"{self.num_items}; resume needs the same data"
             )

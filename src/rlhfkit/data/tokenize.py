@@ -101,7 +101,11 @@ def tokenize_sft(
         spans_ids = [(ids, True)]
     elif use_template(tokenizer, chat_template):
         messages, first = as_messages(sample)
-        spans_ids = [(_encode(tokenizer, text), trained) for text, trained in _chat_spans(tokenizer, messages, first)]
+        if completion_only_loss:
+            spans = _chat_spans(tokenizer, messages, first)
+        else:  # every token is trained: no need to locate turns
+            spans = [(render(tokenizer, messages, add_generation_prompt=False), True)]
+        spans_ids = [(_encode(tokenizer, text), trained) for text, trained in spans]
     else:
         if isinstance(sample.prompt, list) or sample.messages is not None:
             raise RowProblem("chat messages need a chat template, but the tokenizer has none (or data.chat_template=never)")

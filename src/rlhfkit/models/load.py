@@ -225,7 +225,9 @@ def load_causal_lm(
                 raise ConfigError("model.trust_remote_code", f"{cfg.name} needs custom code: {exc}") from None
             raise ModelError(f"could not load {cfg.name}: {exc}") from None
     if resolved.kind in ("bundled", "tiny"):
-        model.config.name_or_path = cfg.name  # adapters saved later name the spec as their base
+        # Adapters saved later name the spec (not this machine's cache path) as their base model.
+        model.config.name_or_path = cfg.name
+        model.name_or_path = cfg.name
     if resolved.kind == "tiny" and cfg.attn_implementation != "sdpa":
         model.config._attn_implementation = cfg.attn_implementation
     # No KV cache in training forwards: with one, transformers skips packed-sequence detection and

@@ -80,6 +80,7 @@ class DPODataConfig:
     max_length: int = opt(512, "maximum tokens of prompt + response", gt=1)
     truncation: Literal["right", "error"] = opt("right", "too-long pairs: cut the response end (right) or report an error")
     chat_template: Literal["auto", "always", "never"] = opt("auto", "apply the tokenizer's chat template: auto = when it has one")
+    shuffle: bool = opt(True, "shuffle the training order every epoch (seeded)")
     group_by_length: bool = opt(True, "batch pairs of similar length together to reduce padding")
     on_error: Literal["error", "skip"] = opt("error", "bad rows: stop listing them (error) or skip them (skip)")
     max_errors_shown: int = opt(20, "how many bad rows to list before '... and N more'", gt=0)
@@ -103,7 +104,7 @@ class DPOLossConfig:
 class DPOConfig:
     output_dir: str = opt("runs/dpo", "run folder: config, metrics, TensorBoard logs, checkpoints, final model")
     overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
-    seed: int = opt(42, "seed for model init, LoRA init and data order")
+    seed: int = opt(42, "seed for LoRA init and data order (tiny:* models always start from the same weights)")
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(True, "write TensorBoard logs to output_dir/tensorboard")
     model: ModelConfig = section(ModelConfig, "policy model to fine-tune (also the reference unless dpo.ref_model is set)")
@@ -314,7 +315,7 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
     elif eval_pairs:
         eval_ref = compute_reference(model, ref_model, eval_pairs, **ref_kwargs)
 
-    sampler = BatchSampler(len(pairs), cfg.train.batch_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+    sampler = BatchSampler(len(pairs), cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
                            lengths=[p.length for p in pairs], group_by_length=d.group_by_length)
     steps = total_steps(cfg.train, sampler.batches_per_epoch())
     optimizer = build_optimizer(model, cfg.train)
@@ -326,6 +327,10 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
         sampler.load_state_dict(ckpt["sampler"])
         start = ckpt["step"]
         print0(info, f"resumed from {ckpt['folder']} at step {start}")
+        if start >= steps and (run_dir / "model").is_dir():
+            print0(info, f"the run already finished ({start}/{steps} steps); raise train.max_steps or train.epochs "
+                         f"to train further. Model: {run_dir / 'model'}")
+            return run_dir / "model"
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
     logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
                            resume_step=start if resume is not None else None)
@@ -369,9 +374,9 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
         elapsed = time.perf_counter() - t0
         tokens_all = all_reduce_sum(torch.tensor(float(n_tokens)), info).item()
         metrics = _metrics("train/", stats)
-        bar.update(1, int(tokens_all), f"loss {metrics['train/loss']:.4f} acc {metrics['train/rewards/accuracies']:.2f}")
+        bar.update(1, int(tokens_all), elapsed, f"loss {metrics['train/loss']:.4f} acc {metrics['train/rewards/accuracies']:.2f}")
         if step % cfg.train.log_every == 0 or step == steps:
-            logger.log(step, {**metrics, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_all / elapsed,
+            logger.log(step, {**metrics, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_all / elapsed, "train/step_seconds": elapsed,
                               "train/pairs_per_s": stats[0].item() / elapsed,
                               "train/epoch": sampler.epoch + sampler.batch / sampler.batches_per_epoch()})
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:

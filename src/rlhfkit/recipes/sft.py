@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rlhfkit.config import opt, section
 from rlhfkit.data.collate import pack_examples, packed_batch, pad_batch
+from rlhfkit.data.formats import Sample, Text
 from rlhfkit.data.prepare import load_examples, split_holdout
 from rlhfkit.data.sampler import BatchSampler
 from rlhfkit.data.tokenize import TokenizedExample, tokenize_prompt, tokenize_sft
@@ -75,6 +76,7 @@ class SFTDataConfig:
     )
     completion_only_loss: bool = opt(True, "loss on completion/assistant tokens only (false: on every token)")
     packing: bool = opt(False, "pack short examples into rows of max_length (position resets, no cross-attention)")
+    shuffle: bool = opt(True, "shuffle the training order every epoch (seeded)")
     group_by_length: bool = opt(True, "batch examples of similar length together to reduce padding")
     on_error: Literal["error", "skip"] = opt("error", "bad rows: stop listing them (error) or skip them (skip)")
     max_errors_shown: int = opt(20, "how many bad rows to list before '... and N more'", gt=0)
@@ -84,7 +86,7 @@ class SFTDataConfig:
 class SFTConfig:
     output_dir: str = opt("runs/sft", "run folder: config, metrics, TensorBoard logs, checkpoints, final model")
     overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
-    seed: int = opt(42, "seed for model init, LoRA init, data order and sampling")
+    seed: int = opt(42, "seed for LoRA init, data order and sampling (tiny:* models always start from the same weights)")
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(True, "write TensorBoard logs to output_dir/tensorboard")
     sample_every: int = opt(0, "log sample generations every N steps; 0 = before and after training only", ge=0)
@@ -153,12 +155,19 @@ def evaluate(model: torch.nn.Module, items: list, cfg: SFTConfig, pad_id: int, d
     return {"eval/loss": totals[0].item() / n, "eval/token_accuracy": totals[2].item() / n, "eval/tokens": totals[1].item()}
 
 
-def sample(model: torch.nn.Module, tokenizer, prompts: list[str], cfg: SFTConfig) -> list[dict[str, str]]:  # noqa: ANN001
-    from rlhfkit.data.formats import Sample
+def _prompt_of(sample: Sample) -> Text:
+    """What precedes the trained answer: the prompt, or a chat up to its last assistant turn."""
+    if sample.messages is not None:
+        last = max(i for i, m in enumerate(sample.messages) if m["role"] == "assistant")
+        return sample.messages[:last]
+    return sample.prompt if sample.prompt is not None else (sample.text or "")[:200]
 
+
+def sample(model: torch.nn.Module, tokenizer, prompts: list[Text], cfg: SFTConfig) -> list[dict[str, str]]:  # noqa: ANN001
     ids = [tokenize_prompt(Sample("sample", prompt=p), tokenizer, cfg.data.chat_template) for p in prompts]
     outs = generate_text(unwrap(model), tokenizer, ids, max_new_tokens=cfg.sample_max_new_tokens)
-    return [{"prompt": p, "completion": text} for p, (text, _, _) in zip(prompts, outs)]
+    shown = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+    return [{"prompt": p, "completion": text} for p, (text, _, _) in zip(shown, outs)]
 
 
 def train(cfg: SFTConfig, resume: str | None = None) -> Path:
@@ -180,7 +189,7 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
         print0(info, f"skipped {len(skipped)} invalid row(s) (data.on_error=skip); first: {skipped[0]}")
     train_items = _micro_items([t for t, _ in train_pairs], cfg)
     eval_items = _micro_items([t for t, _ in eval_pairs], cfg)
-    prompts = cfg.sample_prompts or [s.prompt for _, s in eval_pairs[:3] if isinstance(s.prompt, str)]
+    prompts = cfg.sample_prompts or [_prompt_of(s) for _, s in eval_pairs[:3]]
 
     model = load_causal_lm(cfg.model, device, tokenizer)
     if cfg.lora.enabled:
@@ -190,7 +199,7 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
     print0(info, f"model {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; "
                  f"{len(train_pairs)} train / {len(eval_pairs)} eval examples; device {device}, {info.world_size} process(es)")
 
-    sampler = BatchSampler(len(train_items), cfg.train.batch_size, seed=cfg.seed, rank=info.rank,
+    sampler = BatchSampler(len(train_items), cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, rank=info.rank,
                            world_size=info.world_size, lengths=[len(i.input_ids) for i in train_items],
                            group_by_length=cfg.data.group_by_length)
     steps = total_steps(cfg.train, sampler.batches_per_epoch())
@@ -205,6 +214,10 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
         sampler.load_state_dict(ckpt["sampler"])
         start = ckpt["step"]
         print0(info, f"resumed from {ckpt['folder']} at step {start}")
+        if start >= steps and (run_dir / "model").is_dir():
+            print0(info, f"the run already finished ({start}/{steps} steps); raise train.max_steps or train.epochs "
+                         f"to train further. Model: {run_dir / 'model'}")
+            return run_dir / "model"
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
     logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
                            resume_step=start if resume is not None else None)
@@ -250,11 +263,11 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
         train_loss = stats[0].item() / max(stats[1].item(), 1.0)
         elapsed = time.perf_counter() - t0
         tokens_all = all_reduce_sum(torch.tensor(float(n_input)), info).item()
-        bar.update(1, int(tokens_all), f"loss {train_loss:.4f}")
+        bar.update(1, int(tokens_all), elapsed, f"loss {train_loss:.4f}")
         if step % cfg.train.log_every == 0 or step == steps:
             logger.log(step, {
                 "train/loss": train_loss, "train/token_accuracy": stats[2].item() / max(stats[1].item(), 1.0),
-                "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_all / elapsed,
+                "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_all / elapsed, "train/step_seconds": elapsed,
                 "train/loss_tokens": stats[1].item(), "train/epoch": sampler.epoch + sampler.batch / sampler.batches_per_epoch(),
             })
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps and eval_items:

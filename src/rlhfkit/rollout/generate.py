@@ -1,4 +1,4 @@
-"""Portable batched generation for sample logging and before/after comparisons.
+"""Portable batched generation for sample logging, candidate answers and before/after comparisons.
 
 Prompts are left-padded so that every row's last prompt token sits at the same position and new
 tokens are appended in lockstep; `position_ids` follow the attention mask (transformers derives them).
@@ -6,12 +6,23 @@ tokens are appended in lockstep; `position_ids` follow the attention mask (trans
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+@dataclass
+class Completion:
+    token_ids: list[int]
+    """New tokens, EOS excluded."""
+    ended: bool
+    """True when the model produced EOS within the budget."""
+    text: str
+
+
 @torch.no_grad()
-def generate_text(
+def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: list[list[int]],
@@ -20,15 +31,12 @@ def generate_text(
     temperature: float = 0.0,
     top_p: float = 1.0,
     batch_size: int = 8,
-) -> list[tuple[str, int, bool]]:
-    """Complete each prompt; returns (text, number of new tokens, ended with EOS) per prompt.
-
-    temperature 0 means greedy decoding.
-    """
+) -> list[Completion]:
+    """Complete each prompt (temperature 0 = greedy). Sampling draws from the global torch RNG."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: list[tuple[str, int, bool]] = []
+    out: list[Completion] = []
     eos = tokenizer.eos_token_id
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start : start + batch_size]
@@ -54,6 +62,16 @@ def generate_text(
             ended = eos in row
             if ended:
                 row = row[: row.index(eos)]
-            out.append((tokenizer.decode(row, skip_special_tokens=True).strip(), len(row) + int(ended), ended))
+            out.append(Completion(row, ended, tokenizer.decode(row, skip_special_tokens=True).strip()))
     model.train(was_training)
     return out
+
+
+def generate_text(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    **kwargs: object,
+) -> list[tuple[str, int, bool]]:
+    """(text, number of new tokens including EOS, ended with EOS) per prompt; see `generate`."""
+    return [(c.text, len(c.token_ids) + int(c.ended), c.ended) for c in generate(model, tokenizer, prompt_ids, **kwargs)]

@@ -16,7 +16,7 @@ import yaml
 from rlhfkit.config import dump_yaml, opt, to_dict
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.runtime.checkpoint import find_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
-from rlhfkit.runtime.distributed import DistInfo, barrier
+from rlhfkit.runtime.distributed import DistInfo, barrier, broadcast_object
 from rlhfkit.runtime.seeding import rng_state, set_rng_state
 
 
@@ -45,9 +45,6 @@ class TrainConfig:
     save_every: int = opt(0, "checkpoint every N steps; 0 = only at the end", ge=0)
     save_total_limit: int = opt(2, "checkpoints to keep (oldest deleted first); 0 = keep all", ge=0)
 
-    def validate(self) -> None:
-        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("mixed_precision", "fp16 autocast needs a CUDA GPU; use bf16 or no on CPU")
 
 
 def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
@@ -111,6 +108,8 @@ def optimizer_step(
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "no":
         return None
+    if mode == "fp16" and device.type != "cuda":
+        raise ConfigError("train.mixed_precision", f"fp16 autocast needs a CUDA GPU (device is {device}); use bf16 or no")
     if mode == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -131,23 +130,36 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 def prepare_run_dir(cfg: Any, output_dir: str, *, resume: str | None, overwrite: bool, info: DistInfo) -> Path:
     """Create (rank 0) the run folder; refuse to clobber an earlier run unless asked; save the config."""
     run_dir = Path(output_dir)
+    problem = None
     if info.is_main:
-        existing = run_dir.is_dir() and any(
-            (run_dir / name).exists() for name in ("checkpoints", "model", "config.yaml", "metrics.jsonl")
-        )
-        if resume is None and existing:
-            if not overwrite:
-                raise RlhfkitError(
-                    f"{run_dir} already holds a run. Pass --resume to continue it, set overwrite=true to "
-                    "replace it, or choose another output_dir."
-                )
-            shutil.rmtree(run_dir)
-        if resume is not None and (run_dir / "config.yaml").is_file():
-            _warn_config_changes(yaml.safe_load((run_dir / "config.yaml").read_text()), to_dict(cfg))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
-    barrier(info)
+        try:
+            _prepare_on_main(cfg, run_dir, resume, overwrite)
+        except RlhfkitError as exc:
+            problem = str(exc)
+    # Every rank learns about a problem found on rank 0, so all exit with the same clear message.
+    problem = broadcast_object(problem, info)
+    if problem is not None:
+        raise RlhfkitError(problem)
     return run_dir
+
+
+def _prepare_on_main(cfg: Any, run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    existing = run_dir.is_dir() and any(
+        (run_dir / name).exists() for name in ("checkpoints", "model", "config.yaml", "metrics.jsonl")
+    )
+    if resume is None and existing:
+        if not overwrite:
+            raise RlhfkitError(
+                f"{run_dir} already holds a run. Pass --resume to continue it, set overwrite=true to "
+                "replace it, or choose another output_dir."
+            )
+        shutil.rmtree(run_dir)
+    if resume is not None:
+        find_checkpoint(run_dir, resume)  # fail before touching the folder
+        if (run_dir / "config.yaml").is_file():
+            _warn_config_changes(yaml.safe_load((run_dir / "config.yaml").read_text()), to_dict(cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
 
 
 _HARMLESS = {"max_steps", "epochs", "eval_every", "save_every", "save_total_limit", "log_every", "progress",
@@ -199,6 +211,11 @@ def restore_training_state(
     load_model_weights(model, folder / "model")
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    # Recompute this step's learning rate from the current schedule: identical to the saved one when
+    # the run continues unchanged, correct when max_steps/epochs were extended.
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     rngs = ckpt["rng"]
     set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
     ckpt["folder"] = str(folder)

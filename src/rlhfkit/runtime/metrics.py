@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +86,7 @@ class ProgressBar:
     def __init__(self, total: int, *, enabled: bool, start: int = 0, description: str = "train"):
         self.enabled = enabled
         self.tokens = 0
-        self.t0 = time.perf_counter()
+        self.seconds = 0.0
         if not enabled:
             self.progress = None
             return
@@ -103,11 +102,13 @@ class ProgressBar:
         self.task = self.progress.add_task(description, total=total, completed=start, info="")
         self.progress.start()
 
-    def update(self, steps: int, tokens: int, info: str) -> None:
+    def update(self, steps: int, tokens: int, seconds: float, info: str) -> None:
+        """Advance by `steps` that processed `tokens` in `seconds` of training (eval time excluded)."""
         self.tokens += tokens
+        self.seconds += seconds
         if self.progress is None:
             return
-        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        rate = self.tokens / max(self.seconds, 1e-9)
         self.progress.update(self.task, advance=steps, info=f"{rate:,.0f} tok/s  {info}")
 
     def close(self) -> None:
