@@ -102,11 +102,10 @@ def run_rlhfkit(args: argparse.Namespace, folder: str, data: str, out: str) -> d
 
 def run_trl(args: argparse.Namespace, folder: str, data: str, out: str) -> dict:
     import torch
+    import trl
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
-    import trl
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(0)

@@ -6,6 +6,7 @@
 | `preference` | `prompt`, `chosen`, `rejected` (strings or message lists), optional `margin` |
 | `prompt`     | `prompt` (string or message list)                                        |
 | `rating`     | `prompt`, `response` (strings), `score` (number)                         |
+| `classification` | `text` (string), `label` (integer >= 0; CSV text such as "2" accepted) |
 
 A message list is `[{"role": "user", "content": "..."}, ...]` with roles system/user/assistant/tool.
 Extra fields are ignored. Each problem is reported as `where: field 'x' is missing` (or empty, has the
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from rlhfkit.data.sources import Row, _kind
 from rlhfkit.errors import DataError
 
-Kind = Literal["sft", "preference", "prompt", "rating"]
+Kind = Literal["sft", "preference", "prompt", "rating", "classification"]
 Message = dict[str, str]
 Text = str | list[Message]
 ROLES = ("system", "user", "assistant", "tool")
@@ -41,6 +42,7 @@ class Sample:
     response: str | None = None
     score: float | None = None
     margin: float | None = None
+    label: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -153,7 +155,36 @@ def _rating(row: Row) -> Sample:
     return Sample(row.where, prompt=prompt, response=response, score=score)
 
 
-VALIDATORS = {"sft": _sft, "preference": _preference, "prompt": _prompt, "rating": _rating}
+def _label(data: dict[str, Any], name: str) -> int:
+    """A class index: an integer >= 0 (JSON 2 or 2.0, CSV text "2")."""
+    if name not in data or data[name] is None or (isinstance(data[name], str) and not data[name].strip()):
+        raise RowProblem(f"field '{name}' is missing")
+    value = data[name]
+    if isinstance(value, bool):
+        raise RowProblem(f"field '{name}' has the wrong type: expected an integer >= 0, got a boolean")
+    if isinstance(value, str):  # CSV cells arrive as text
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise RowProblem(f"field '{name}' has the wrong type: expected an integer >= 0, got {value!r}") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int):
+        shown = repr(value) if isinstance(value, float) else _kind(value)
+        raise RowProblem(f"field '{name}' has the wrong type: expected an integer >= 0, got {shown}")
+    if value < 0:
+        raise RowProblem(f"field '{name}' must be an integer >= 0, got {value}")
+    return value
+
+
+def _classification(row: Row) -> Sample:
+    d = row.data or {}
+    text = _field(d, "text", allow_messages=False)
+    return Sample(row.where, text=text, label=_label(d, "label"))
+
+
+VALIDATORS = {"sft": _sft, "preference": _preference, "prompt": _prompt, "rating": _rating,
+              "classification": _classification}
 
 
 def validate_rows(rows: list[Row], kind: Kind) -> tuple[list[Sample], list[str]]:
@@ -171,7 +202,10 @@ def validate_rows(rows: list[Row], kind: Kind) -> tuple[list[Sample], list[str]]
     return samples, problems
 
 
-def enforce(problems: list[str], *, on_error: str, total: int, max_shown: int = 20, what: str = "data") -> list[str]:
+def enforce(
+    problems: list[str], *, on_error: str, total: int, max_shown: int = 20, what: str = "data",
+    hint: str = "Fix them, or set data.on_error=skip to train on the valid rows only (nothing was written).",
+) -> list[str]:
     """Apply the `on_error` policy: raise listing the problems, or return them as skipped rows."""
     if not problems:
         return []
@@ -182,9 +216,5 @@ def enforce(problems: list[str], *, on_error: str, total: int, max_shown: int = 
     lines = "\n".join(f"  {p}" for p in shown)
     tail = f"\n  ... and {more} more" if more else ""
     if on_error == "skip":
-        raise DataError(f"every row of the {what} is invalid ({len(problems)} rows):\n{lines}{tail}", problems)
-    raise DataError(
-        f"{len(problems)} invalid row(s) in the {what} (nothing was written):\n{lines}{tail}\n"
-        "Fix them, or set data.on_error=skip to train on the valid rows only.",
-        problems,
-    )
+        raise DataError(f"every row of {what} is invalid ({len(problems)} rows):\n{lines}{tail}", problems)
+    raise DataError(f"{len(problems)} invalid row(s) in {what}:\n{lines}{tail}\n{hint}", problems)

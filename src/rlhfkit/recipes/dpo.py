@@ -22,11 +22,10 @@ from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rlhfkit.config import opt, section
 from rlhfkit.data.collate import pad_batch
-from rlhfkit.data.prepare import load_examples, split_holdout
+from rlhfkit.data.config import DataConfig, load_train_eval
 from rlhfkit.data.sampler import BatchSampler
 from rlhfkit.data.tokenize import PairExample, tokenize_preference
 from rlhfkit.errors import ConfigError
@@ -57,33 +56,15 @@ from rlhfkit.runtime.loop import (
     TrainConfig,
     autocast,
     autocast_dtype,
-    build_optimizer,
-    build_scheduler,
     optimizer_step,
-    prepare_run_dir,
-    restore_training_state,
-    save_training_state,
-    total_steps,
 )
-from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
 from rlhfkit.runtime.seeding import quiet_transformers, seed_everything
+from rlhfkit.runtime.session import open_session
 
 
 @dataclass
-class DPODataConfig:
+class DPODataConfig(DataConfig):
     train: str = opt("", "preference data (prompt, chosen, rejected): .jsonl/.json/.csv/.parquet, bundled:NAME or HF name")
-    split: str = opt("train", "split to read when train is a Hugging Face dataset")
-    eval: str = opt("", "eval pairs (same forms as train); empty = hold out eval_fraction of train")
-    eval_split: str = opt("validation", "split to read when eval is a Hugging Face dataset")
-    eval_fraction: float = opt(0.05, "fraction of train held out for eval when eval is empty", ge=0.0, lt=1.0)
-    max_samples: int = opt(0, "use at most this many training pairs; 0 = all", ge=0)
-    max_length: int = opt(512, "maximum tokens of prompt + response", gt=1)
-    truncation: Literal["right", "error"] = opt("right", "too-long pairs: cut the response end (right) or report an error")
-    chat_template: Literal["auto", "always", "never"] = opt("auto", "apply the tokenizer's chat template: auto = when it has one")
-    shuffle: bool = opt(True, "shuffle the training order every epoch (seeded)")
-    group_by_length: bool = opt(True, "batch pairs of similar length together to reduce padding")
-    on_error: Literal["error", "skip"] = opt("error", "bad rows: stop listing them (error) or skip them (skip)")
-    max_errors_shown: int = opt(20, "how many bad rows to list before '... and N more'", gt=0)
 
 
 @dataclass
@@ -271,14 +252,7 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
     tok = partial(tokenize_preference, tokenizer=tokenizer, max_length=d.max_length, chat_template=d.chat_template,
                   truncation=d.truncation)
-    pairs, skipped = load_examples(d.train, "preference", tok, split=d.split, max_samples=d.max_samples,
-                                   on_error=d.on_error, max_errors_shown=d.max_errors_shown)
-    if d.eval:
-        eval_pairs, more = load_examples(d.eval, "preference", tok, split=d.eval_split, on_error=d.on_error,
-                                         max_errors_shown=d.max_errors_shown)
-        skipped += more
-    else:
-        pairs, eval_pairs = split_holdout(pairs, d.eval_fraction, cfg.seed)
+    pairs, eval_pairs, skipped = load_train_eval(d, "preference", tok, cfg.seed)
     if skipped:
         print0(info, f"skipped {len(skipped)} invalid row(s) (data.on_error=skip); first: {skipped[0]}")
 
@@ -294,14 +268,9 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
         ref_model = model if cfg.dpo.precompute_ref else copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    trainable, total = count_parameters(model)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
-    print0(info, f"policy {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; {len(pairs)} train / "
-                 f"{len(eval_pairs)} eval pairs; reference: {'precomputed' if cfg.dpo.precompute_ref else 'live'}, "
-                 f"{cfg.dpo.ref_model or ('base without adapters' if cfg.lora.enabled else 'starting policy')}")
-
-    amp = autocast_dtype(cfg.train.mixed_precision, device)
-    pad_id = tokenizer.pad_token_id
+    # Reference log-probs come first: on resume the checkpoint's weights are loaded into the policy
+    # next, and a full fine-tune's precomputed reference is the policy as it is now.
+    amp, pad_id = autocast_dtype(cfg.train.mixed_precision, device), tokenizer.pad_token_id
     ref_kwargs = {"batch_size": cfg.train.eval_batch_size, "pad_id": pad_id, "device": device, "amp": amp,
                   "chunk": cfg.dpo.logprob_chunk, "info": info}
     eval_ref = None
@@ -315,38 +284,30 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
     elif eval_pairs:
         eval_ref = compute_reference(model, ref_model, eval_pairs, **ref_kwargs)
 
-    sampler = BatchSampler(len(pairs), cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
-                           lengths=[p.length for p in pairs], group_by_length=d.group_by_length)
-    steps = total_steps(cfg.train, sampler.batches_per_epoch())
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, steps)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    start = 0
-    if resume is not None:
-        ckpt = restore_training_state(run_dir, resume, model=model, optimizer=optimizer, scheduler=scheduler, info=info)
-        sampler.load_state_dict(ckpt["sampler"])
-        start = ckpt["step"]
-        print0(info, f"resumed from {ckpt['folder']} at step {start}")
-        if start >= steps and (run_dir / "model").is_dir():
-            print0(info, f"the run already finished ({start}/{steps} steps); raise train.max_steps or train.epochs "
-                         f"to train further. Model: {run_dir / 'model'}")
-            return run_dir / "model"
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
-    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
-                           resume_step=start if resume is not None else None)
+    sampler = BatchSampler(len(pairs), cfg.train.batch_size, seed=cfg.seed, shuffle=d.shuffle, rank=info.rank,
+                           world_size=info.world_size, lengths=[p.length for p in pairs], group_by_length=d.group_by_length)
+    run = open_session(cfg, model=model, sampler=sampler, resume=resume, info=info, device=device)
+    if run.finished:
+        return run.run_dir / "model"
+    trainable, total = count_parameters(model)
+    print0(info, f"policy {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; {len(pairs)} train / "
+                 f"{len(eval_pairs)} eval pairs; reference: {'precomputed' if cfg.dpo.precompute_ref else 'live'}, "
+                 f"{cfg.dpo.ref_model or ('base without adapters' if cfg.lora.enabled else 'starting policy')}")
+
+    ddp = run.ddp
 
     def log_eval(step: int) -> None:
         if eval_pairs and eval_ref is not None:
             m = evaluate(ddp, eval_pairs, eval_ref, cfg, pad_id, device, amp, info)
-            logger.log(step, m)
+            run.logger.log(step, m)
             print0(info, f"step {step}: eval loss {m['eval/loss']:.4f}, accuracy {m['eval/rewards/accuracies']:.3f}, "
                          f"margin {m['eval/rewards/margins']:.4f}")
 
-    if start == 0:
+    if run.start == 0:
         log_eval(0)
-    bar = ProgressBar(steps, enabled=info.is_main and cfg.progress, start=start, description="dpo")
+    bar = run.progress(cfg.progress, "dpo")
     model.train()
-    for step in range(start + 1, steps + 1):
+    for step in range(run.start + 1, run.steps + 1):
         t0 = time.perf_counter()
         stats = torch.zeros(8, dtype=torch.float64)
         n_tokens = 0
@@ -367,29 +328,26 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
                 # Every pair weighs the same: mean over the micro-batch, averaged over micro-batches
                 # (all micro-batches hold batch_size pairs) and over ranks (by DDP).
                 loss = losses.mean() / cfg.train.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
+                (run.scaler.scale(loss) if run.scaler else loss).backward()
             stats += _stats(losses, chosen_r, rejected_r, logps[: len(idx)], logps[len(idx) :])
-        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg.train.max_grad_norm, scaler)
+        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.train.max_grad_norm, run.scaler)
         stats = all_reduce_sum(stats, info)
         elapsed = time.perf_counter() - t0
         tokens_all = all_reduce_sum(torch.tensor(float(n_tokens)), info).item()
         metrics = _metrics("train/", stats)
         bar.update(1, int(tokens_all), elapsed, f"loss {metrics['train/loss']:.4f} acc {metrics['train/rewards/accuracies']:.2f}")
-        if step % cfg.train.log_every == 0 or step == steps:
-            logger.log(step, {**metrics, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_all / elapsed, "train/step_seconds": elapsed,
-                              "train/pairs_per_s": stats[0].item() / elapsed,
-                              "train/epoch": sampler.epoch + sampler.batch / sampler.batches_per_epoch()})
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
+        run.end_step(step, model=model, sampler=sampler, metrics={
+            **metrics, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_all / elapsed,
+            "train/step_seconds": elapsed, "train/pairs_per_s": stats[0].item() / elapsed,
+        })
+        if run.should_eval(step):
             log_eval(step)
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == steps:
-            save_training_state(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                state={"sampler": sampler.state_dict()}, keep=cfg.train.save_total_limit, info=info)
     bar.close()
-    log_eval(steps)
-    out = run_dir / "model"
+    log_eval(run.steps)
+    out = run.run_dir / "model"
     if info.is_main:
         save_final_model(model, tokenizer, out, merge=cfg.lora.merge)
         print(f"saved model to {out}", flush=True)
-    logger.close()
+    run.logger.close()
     return out
 

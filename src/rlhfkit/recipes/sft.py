@@ -13,15 +13,13 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rlhfkit.config import opt, section
 from rlhfkit.data.collate import pack_examples, packed_batch, pad_batch
+from rlhfkit.data.config import DataConfig, load_train_eval
 from rlhfkit.data.formats import Sample, Text
-from rlhfkit.data.prepare import load_examples, split_holdout
 from rlhfkit.data.sampler import BatchSampler
 from rlhfkit.data.tokenize import TokenizedExample, tokenize_prompt, tokenize_sft
 from rlhfkit.errors import ConfigError
@@ -48,38 +46,17 @@ from rlhfkit.runtime.distributed import (
 from rlhfkit.runtime.loop import (
     TrainConfig,
     autocast,
-    autocast_dtype,
-    build_optimizer,
-    build_scheduler,
     optimizer_step,
-    prepare_run_dir,
-    restore_training_state,
-    save_training_state,
-    total_steps,
 )
-from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
 from rlhfkit.runtime.seeding import quiet_transformers, seed_everything
+from rlhfkit.runtime.session import open_session
 
 
 @dataclass
-class SFTDataConfig:
+class SFTDataConfig(DataConfig):
     train: str = opt("bundled:instructions", "training data: .jsonl/.json/.csv/.parquet file, bundled:NAME, or HF dataset name")
-    split: str = opt("train", "split to read when train is a Hugging Face dataset")
-    eval: str = opt("", "eval data (same forms as train); empty = hold out eval_fraction of train")
-    eval_split: str = opt("validation", "split to read when eval is a Hugging Face dataset")
-    eval_fraction: float = opt(0.05, "fraction of train held out for eval when eval is empty", ge=0.0, lt=1.0)
-    max_samples: int = opt(0, "use at most this many training rows; 0 = all", ge=0)
-    max_length: int = opt(512, "maximum tokens per example (and per packed row)", gt=1)
-    truncation: Literal["right", "error"] = opt("right", "too-long examples: cut the end (right) or report an error")
-    chat_template: Literal["auto", "always", "never"] = opt(
-        "auto", "apply the tokenizer's chat template: auto = when it has one"
-    )
     completion_only_loss: bool = opt(True, "loss on completion/assistant tokens only (false: on every token)")
     packing: bool = opt(False, "pack short examples into rows of max_length (position resets, no cross-attention)")
-    shuffle: bool = opt(True, "shuffle the training order every epoch (seeded)")
-    group_by_length: bool = opt(True, "batch examples of similar length together to reduce padding")
-    on_error: Literal["error", "skip"] = opt("error", "bad rows: stop listing them (error) or skip them (skip)")
-    max_errors_shown: int = opt(20, "how many bad rows to list before '... and N more'", gt=0)
 
 
 @dataclass
@@ -105,21 +82,13 @@ class SFTConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def _prepare_data(cfg: SFTConfig, tokenizer, info: DistInfo) -> tuple[list, list, list[str]]:  # noqa: ANN001
+def _prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list, list, list[str]]:  # noqa: ANN001
     d = cfg.data
     tok = partial(
         tokenize_sft, tokenizer=tokenizer, max_length=d.max_length, chat_template=d.chat_template,
         completion_only_loss=d.completion_only_loss, truncation=d.truncation,
     )
-    train, skipped = load_examples(d.train, "sft", lambda s: (tok(s), s), split=d.split, max_samples=d.max_samples,
-                                   on_error=d.on_error, max_errors_shown=d.max_errors_shown)
-    if d.eval:
-        evals, skipped_eval = load_examples(d.eval, "sft", lambda s: (tok(s), s), split=d.eval_split,
-                                            on_error=d.on_error, max_errors_shown=d.max_errors_shown)
-        skipped += skipped_eval
-    else:
-        train, evals = split_holdout(train, d.eval_fraction, cfg.seed)
-    return train, evals, skipped
+    return load_train_eval(d, "sft", lambda s: (tok(s), s), cfg.seed)
 
 
 def _micro_items(examples: list[TokenizedExample], cfg: SFTConfig) -> list:
@@ -146,7 +115,7 @@ def evaluate(model: torch.nn.Module, items: list, cfg: SFTConfig, pad_id: int, d
         batch = _collate(mine[start : start + cfg.train.eval_batch_size], cfg, pad_id, device)
         labels = batch.pop("labels")
         with autocast(device, amp):
-            logits = model(**batch).logits
+            logits = model(**batch, use_cache=False).logits
         _, m = sft_loss(logits, labels)
         totals += torch.tensor([m["nll_sum"].item(), m["num_tokens"].item(), m["num_correct"].item()], dtype=torch.float64)
     totals = all_reduce_sum(totals, info)
@@ -184,7 +153,7 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
     quiet_transformers()
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
-    train_pairs, eval_pairs, skipped = _prepare_data(cfg, tokenizer, info)
+    train_pairs, eval_pairs, skipped = _prepare_data(cfg, tokenizer)
     if skipped:
         print0(info, f"skipped {len(skipped)} invalid row(s) (data.on_error=skip); first: {skipped[0]}")
     train_items = _micro_items([t for t, _ in train_pairs], cfg)
@@ -194,48 +163,30 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
     model = load_causal_lm(cfg.model, device, tokenizer)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
-    trainable, total = count_parameters(model)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
-    print0(info, f"model {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; "
-                 f"{len(train_pairs)} train / {len(eval_pairs)} eval examples; device {device}, {info.world_size} process(es)")
-
     sampler = BatchSampler(len(train_items), cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, rank=info.rank,
                            world_size=info.world_size, lengths=[len(i.input_ids) for i in train_items],
                            group_by_length=cfg.data.group_by_length)
-    steps = total_steps(cfg.train, sampler.batches_per_epoch())
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, steps)
-    amp = autocast_dtype(cfg.train.mixed_precision, device)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-
-    start = 0
-    if resume is not None:
-        ckpt = restore_training_state(run_dir, resume, model=model, optimizer=optimizer, scheduler=scheduler, info=info)
-        sampler.load_state_dict(ckpt["sampler"])
-        start = ckpt["step"]
-        print0(info, f"resumed from {ckpt['folder']} at step {start}")
-        if start >= steps and (run_dir / "model").is_dir():
-            print0(info, f"the run already finished ({start}/{steps} steps); raise train.max_steps or train.epochs "
-                         f"to train further. Model: {run_dir / 'model'}")
-            return run_dir / "model"
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
-    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
-                           resume_step=start if resume is not None else None)
-    pad_id = tokenizer.pad_token_id
+    run = open_session(cfg, model=model, sampler=sampler, resume=resume, info=info, device=device)
+    if run.finished:
+        return run.run_dir / "model"
+    trainable, total = count_parameters(model)
+    print0(info, f"model {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; "
+                 f"{len(train_pairs)} train / {len(eval_pairs)} eval examples; device {device}, {info.world_size} process(es)")
+    ddp, amp, pad_id = run.ddp, run.amp, tokenizer.pad_token_id
 
     def log_eval(step: int) -> None:
         if eval_items:
             metrics = evaluate(ddp, eval_items, cfg, pad_id, device, amp, info)
-            logger.log(step, metrics)
+            run.logger.log(step, metrics)
             print0(info, f"step {step}: eval loss {metrics['eval/loss']:.4f}")
         if prompts and info.is_main:
-            logger.samples(step, "samples", sample(model, tokenizer, prompts, cfg))
+            run.logger.samples(step, "samples", sample(model, tokenizer, prompts, cfg))
 
-    if start == 0:
+    if run.start == 0:
         log_eval(0)
-    bar = ProgressBar(steps, enabled=info.is_main and cfg.progress, start=start, description="sft")
+    bar = run.progress(cfg.progress, "sft")
     model.train()
-    for step in range(start + 1, steps + 1):
+    for step in range(run.start + 1, run.steps + 1):
         t0 = time.perf_counter()
         micro = [[train_items[i] for i in sampler.next()] for _ in range(cfg.train.grad_accum)]
         # Normalise by the labeled tokens of the whole step, on all ranks (DDP averages gradients,
@@ -250,40 +201,35 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
             labels = batch.pop("labels")
             n_input += batch["input_ids"].numel()
             sync = k == len(micro) - 1 or not info.enabled
-            ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
+            with ddp.no_sync() if not sync else contextlib.nullcontext():
                 with autocast(device, amp):
-                    logits = ddp(**batch).logits  # (B, T, V)
+                    logits = ddp(**batch, use_cache=False).logits  # (B, T, V)
                 loss, m = sft_loss(logits, labels, num_tokens=denom)
-                (scaler.scale(loss) if scaler else loss).backward()
+                (run.scaler.scale(loss) if run.scaler else loss).backward()
             stats += torch.tensor([m["nll_sum"].item(), m["num_tokens"].item(), m["num_correct"].item()], dtype=torch.float64)
-        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg.train.max_grad_norm, scaler)
+        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.train.max_grad_norm, run.scaler)
 
         stats = all_reduce_sum(stats, info)
         train_loss = stats[0].item() / max(stats[1].item(), 1.0)
         elapsed = time.perf_counter() - t0
         tokens_all = all_reduce_sum(torch.tensor(float(n_input)), info).item()
         bar.update(1, int(tokens_all), elapsed, f"loss {train_loss:.4f}")
-        if step % cfg.train.log_every == 0 or step == steps:
-            logger.log(step, {
-                "train/loss": train_loss, "train/token_accuracy": stats[2].item() / max(stats[1].item(), 1.0),
-                "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_all / elapsed, "train/step_seconds": elapsed,
-                "train/loss_tokens": stats[1].item(), "train/epoch": sampler.epoch + sampler.batch / sampler.batches_per_epoch(),
-            })
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps and eval_items:
-            logger.log(step, evaluate(ddp, eval_items, cfg, pad_id, device, amp, info))
-        if cfg.sample_every and step % cfg.sample_every == 0 and step != steps and prompts and info.is_main:
-            logger.samples(step, "samples", sample(model, tokenizer, prompts, cfg))
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == steps:
-            save_training_state(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                state={"sampler": sampler.state_dict()}, keep=cfg.train.save_total_limit, info=info)
+        run.end_step(step, model=model, sampler=sampler, metrics={
+            "train/loss": train_loss, "train/token_accuracy": stats[2].item() / max(stats[1].item(), 1.0),
+            "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_all / elapsed,
+            "train/step_seconds": elapsed, "train/loss_tokens": stats[1].item(),
+        })
+        if run.should_eval(step) and eval_items:
+            run.logger.log(step, evaluate(ddp, eval_items, cfg, pad_id, device, amp, info))
+        if cfg.sample_every and step % cfg.sample_every == 0 and step != run.steps and prompts and info.is_main:
+            run.logger.samples(step, "samples", sample(model, tokenizer, prompts, cfg))
     bar.close()
-    log_eval(steps)
-    out = run_dir / "model"
+    log_eval(run.steps)
+    out = run.run_dir / "model"
     if info.is_main:
         save_final_model(model, tokenizer, out, merge=cfg.lora.merge)
         print(f"saved model to {out}", flush=True)
-    logger.close()
+    run.logger.close()
     return out
 
 

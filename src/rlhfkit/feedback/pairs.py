@@ -1,0 +1,306 @@
+"""Candidate answers -> labeled preference pairs -> a `preference` JSONL file.
+
+    prompts --generate_pairs--> Candidates (k distinct answers each)
+            --label_pairs-----> rows {"prompt", "chosen", "rejected", ["chosen_score", "rejected_score"], "annotator"}
+            --write_preferences-> file.jsonl (atomic, then checked with the `preference` validator)
+
+The rows are the `preference` format of rlhfkit.data.formats (extra fields are ignored by readers), so a
+file labeled by people, with the same three required fields, trains reward models and DPO the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.data.formats import RowProblem, Sample, Text, validate_rows
+from rlhfkit.data.sources import load_rows
+from rlhfkit.data.tokenize import tokenize_prompt
+from rlhfkit.errors import ConfigError, DataError, RlhfkitError
+from rlhfkit.feedback.annotators import TIE, Annotator, is_score_based, load_annotator
+from rlhfkit.rollout.generate import generate_text
+
+
+@dataclass
+class Candidates:
+    """The distinct, non-empty answers sampled for one prompt (in sampling order)."""
+
+    prompt: Text
+    completions: list[str]
+    duplicates: int = 0
+    """Answers dropped because an earlier answer to the same prompt was identical."""
+    empty: int = 0
+    """Answers dropped because they were empty (e.g. EOS as the first token)."""
+
+
+@dataclass
+class LabelStats:
+    prompts: int = 0
+    pairs: int = 0
+    """Preference rows produced."""
+    ties: int = 0
+    """Prompts whose compared answers were a tie (no row)."""
+    too_few: int = 0
+    """Prompts left with fewer than 2 distinct non-empty answers (no row)."""
+    duplicates: int = 0
+    empty: int = 0
+
+
+def prompt_text(prompt: Text) -> str:
+    """What an annotator sees as the prompt: the string itself, or the last user message's content."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    return users[-1] if users else prompt[-1]["content"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def generate_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Text],
+    *,
+    samples_per_prompt: int = 2,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> list[Candidates]:
+    """Sample `samples_per_prompt` answers per prompt; drop exact duplicates and empty answers.
+
+    Batches hold consecutive (prompt, sample) slots, k copies of each prompt in a row. Torch is seeded
+    with `seed + batch index` before each batch, inside `fork_rng` so the caller's RNG is left untouched:
+    the same seed, batch size and model give the same answers.
+    """
+    if samples_per_prompt < 2:
+        raise ConfigError("samples_per_prompt", f"expected at least 2 answers per prompt to compare, got {samples_per_prompt}")
+    if not temperature > 0:
+        raise ConfigError("temperature", f"expected > 0: candidates must be sampled to differ, got {temperature}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ConfigError("batch_size" if batch_size < 1 else "max_new_tokens", "expected a value >= 1")
+    prompt_ids = []
+    for i, prompt in enumerate(prompts):
+        try:
+            prompt_ids.append(tokenize_prompt(Sample(f"prompt {i + 1}", prompt=prompt), tokenizer))
+        except RowProblem as exc:
+            raise DataError(f"prompt {i + 1}: {exc}") from None
+    slots = [ids for ids in prompt_ids for _ in range(samples_per_prompt)]  # (P * k) prompt copies
+
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for b, start in enumerate(range(0, len(slots), batch_size)):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + b)
+            out = generate_text(
+                model, tokenizer, slots[start : start + batch_size], max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, batch_size=batch_size,
+            )
+        answers.extend(text for text, _, _ in out)
+
+    candidates = []
+    for i, prompt in enumerate(prompts):
+        group = answers[i * samples_per_prompt : (i + 1) * samples_per_prompt]
+        kept: list[str] = []
+        empty = duplicates = 0
+        for text in group:
+            if not text.strip():
+                empty += 1
+            elif text in kept:
+                duplicates += 1
+            else:
+                kept.append(text)
+        candidates.append(Candidates(prompt, kept, duplicates=duplicates, empty=empty))
+    return candidates
+
+
+# --------------------------------------------------------------------------------------------------
+# Labeling
+
+
+def label_pairs(candidates: list[Candidates], annotator: Annotator) -> tuple[list[dict[str, Any]], LabelStats]:
+    """One preference row per prompt; ties and prompts with < 2 answers give none (and are counted).
+
+    Score-based annotators compare the best against the worst answer by score (the widest gap, so the
+    clearest signal); pure comparators compare the first two answers.
+    """
+    stats = LabelStats(prompts=len(candidates))
+    rows: list[dict[str, Any]] = []
+    scored = is_score_based(annotator)
+    for cand in candidates:
+        stats.duplicates += cand.duplicates
+        stats.empty += cand.empty
+        answers = cand.completions
+        if len(answers) < 2:
+            stats.too_few += 1
+            continue
+        text = prompt_text(cand.prompt)
+        scores: list[float] | None = None
+        if scored:
+            scores = [_checked_score(annotator, text, answer) for answer in answers]
+            best = max(range(len(answers)), key=lambda j: scores[j])  # first of equals: stable
+            worst = min(range(len(answers)), key=lambda j: scores[j])
+            if best == worst:  # all equal
+                worst = 1 if best == 0 else 0
+            pair = (best, worst)
+            decide = getattr(annotator, "prefer_scores", None)
+            if callable(decide):
+                choice = decide(scores[best], scores[worst])
+            else:
+                choice = annotator.prefer(text, answers[best], answers[worst])
+        else:
+            pair = (0, 1)
+            choice = annotator.prefer(text, answers[0], answers[1])
+        if choice not in (0, 1, TIE):
+            raise RlhfkitError(f"annotator '{annotator.name}' returned {choice!r} from prefer(); expected 0, 1 or -1")
+        if choice == TIE:
+            stats.ties += 1
+            continue
+        chosen, rejected = (pair[0], pair[1]) if choice == 0 else (pair[1], pair[0])
+        row: dict[str, Any] = {"prompt": cand.prompt, "chosen": answers[chosen], "rejected": answers[rejected]}
+        if scores is not None:
+            row["chosen_score"] = scores[chosen]
+            row["rejected_score"] = scores[rejected]
+        row["annotator"] = annotator.name
+        rows.append(row)
+    stats.pairs = len(rows)
+    return rows, stats
+
+
+def _checked_score(annotator: Any, prompt: str, answer: str) -> float:
+    value = annotator.score(prompt, answer)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RlhfkitError(f"annotator '{annotator.name}' returned {value!r} as a score; expected a finite number")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_preferences(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write `rows` as JSONL at `path`, atomically, and only if they read back as valid `preference` rows.
+
+    Everything is serialized first, written to a temporary file beside `path`, read back with the same
+    reader and validator that reward-model and DPO training use, and only then moved into place with
+    `os.replace`. On any failure `path` is untouched and no temporary file is left.
+    """
+    path = Path(os.path.expanduser(str(path)))
+    if path.suffix.lower() != ".jsonl":
+        raise DataError(f"{path}: preference files are written as JSONL; name the output file *.jsonl")
+    if not rows:
+        raise DataError(f"{path}: no preference rows to write (nothing was written)")
+    try:
+        text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: a row cannot be written as JSON ({exc}); nothing was written") from None
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.jsonl")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _, problems = validate_rows(load_rows(str(tmp)), "preference")
+        if problems:
+            shown = "\n".join("  " + p.replace(str(tmp), str(path)) for p in problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise DataError(f"{len(problems)} row(s) are not valid preference rows (nothing was written):\n{shown}{more}",
+                            problems)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end
+
+
+def load_prompts(source: str, max_prompts: int = 0) -> list[Text]:
+    """Prompts from any `prompt`-format source (file, `bundled:NAME`, dataset); every bad row is listed."""
+    rows = load_rows(source, max_samples=max_prompts)
+    samples, problems = validate_rows(rows, "prompt")
+    if problems:
+        shown = "\n".join(f"  {p}" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"{len(problems)} invalid row(s) in the prompts {source} (expected a 'prompt' field):\n"
+                        f"{shown}{more}", problems)
+    if not samples:
+        raise DataError(f"{source}: no prompts")
+    return [s.prompt for s in samples]  # type: ignore[misc]
+
+
+def simulate_feedback(
+    model_spec: str,
+    prompts: str,
+    output: str,
+    *,
+    annotator: str | Annotator = "sentiment",
+    annotator_options: dict[str, Any] | None = None,
+    samples_per_prompt: int = 2,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    max_prompts: int = 0,
+    batch_size: int = 8,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Sample answers from `model_spec` for each prompt, label them with `annotator`, write `output`.
+
+    Inputs are checked before the model is loaded (annotator, output name, every prompt row), and the
+    output is written only when at least one pair was labeled. Returns the counts and timings.
+    """
+    from rlhfkit.models.load import ModelConfig, load_causal_lm, load_tokenizer, resolve_device
+
+    judge = load_annotator(annotator, **(annotator_options or {}))
+    out_path = Path(os.path.expanduser(output))
+    if out_path.suffix.lower() != ".jsonl":
+        raise DataError(f"{output}: preference files are written as JSONL; name the output file *.jsonl")
+    prompt_list = load_prompts(prompts, max_prompts)
+
+    t0 = time.perf_counter()
+    cfg = ModelConfig(name=model_spec, device=device)
+    cfg.validate()
+    torch_device = resolve_device(device)
+    tokenizer = load_tokenizer(model_spec)
+    model = load_causal_lm(cfg, device=torch_device, tokenizer=tokenizer)
+    t1 = time.perf_counter()
+    candidates = generate_pairs(
+        model, tokenizer, prompt_list, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+    )
+    t2 = time.perf_counter()
+    rows, stats = label_pairs(candidates, judge)
+    t3 = time.perf_counter()
+    if not rows:
+        raise DataError(
+            f"no preference pairs to write to {output}: of {stats.prompts} prompts, {stats.ties} were ties and "
+            f"{stats.too_few} had fewer than 2 distinct answers. Sample more answers per prompt, raise the "
+            "temperature, or lower the annotator's min_gap. Nothing was written."
+        )
+    write_preferences(rows, out_path)
+
+    result: dict[str, Any] = {"output": str(out_path), "annotator": judge.name, "model": model_spec,
+                              "device": str(torch_device), **asdict(stats)}
+    if rows and "chosen_score" in rows[0]:
+        result["mean_chosen_score"] = sum(r["chosen_score"] for r in rows) / len(rows)
+        result["mean_rejected_score"] = sum(r["rejected_score"] for r in rows) / len(rows)
+    result.update(load_seconds=t1 - t0, generate_seconds=t2 - t1, label_seconds=t3 - t2,
+                  seconds=time.perf_counter() - t0)
+    return result

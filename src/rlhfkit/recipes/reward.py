@@ -1,0 +1,499 @@
+"""`rlhfkit reward`: reward models from preference pairs, ratings or labels; scoring files with one.
+
+Modes (`mode=`):
+
+- `pairwise` (data kind `preference`): Bradley-Terry, loss -logsigmoid(r_chosen - r_rejected - margin);
+- `regression` (kind `rating`): MSE on the scores, z-scored with the train mean/std by default;
+- `classification` (kind `classification`: text, label): cross-entropy over `num_labels` classes, the
+  head-replacement "transfer fine-tuning"; `freeze_backbone=true` trains the head alone.
+
+Inputs are rendered exactly as the policy sees them (prompt + response through the chat template) and
+scored at the last real token (models/heads.py). The loop mirrors recipes/sft.py: validate and tokenize
+everything first (nothing is written if the data is bad), build the model (+ LoRA), then per optimizer
+step `grad_accum` micro-batches with every example weighted equally across micro-batches and ranks;
+log, evaluate, checkpoint, resume exactly. The same file runs alone or under `torchrun`.
+
+Output: `output_dir/model/`, a plain `AutoModelForSequenceClassification` folder. LoRA adapters are
+always merged into it, so the trained head is inside (cf. huggingface/trl#1379). The reward mean/std over
+the training responses (and, for regression, the target mean/std used to de-normalize predictions) are
+stored in its config.json as `rlhfkit_*` attributes and in `reward_stats.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import PreTrainedTokenizerBase
+
+from rlhfkit.config import opt, section
+from rlhfkit.data.formats import VALIDATORS, RowProblem, Sample, _field, enforce
+from rlhfkit.data.prepare import load_examples, split_holdout
+from rlhfkit.data.sampler import BatchSampler
+from rlhfkit.data.sources import Row, load_rows
+from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.losses.reward import (
+    bradley_terry_loss,
+    classification_loss,
+    mean_std_from_sums,
+    pearson_from_sums,
+    regression_loss,
+)
+from rlhfkit.models.heads import (
+    build_reward_model,
+    check_scalar,
+    encode_response,
+    encode_text,
+    freeze_backbone,
+    load_reward_model,
+    pad_right,
+    score_ids,
+    score_sequences,
+    score_texts,
+    to_reward_units,
+)
+from rlhfkit.models.load import (
+    LoraConfig,
+    ModelConfig,
+    apply_lora,
+    count_parameters,
+    load_tokenizer,
+    resolve_device,
+)
+from rlhfkit.runtime.checkpoint import unwrap
+from rlhfkit.runtime.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    cleanup,
+    init_distributed,
+    local_rank_from_env,
+    print0,
+)
+from rlhfkit.runtime.loop import (
+    TrainConfig,
+    autocast,
+    autocast_dtype,
+    build_optimizer,
+    build_scheduler,
+    optimizer_step,
+    prepare_run_dir,
+    restore_training_state,
+    save_training_state,
+    total_steps,
+)
+from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
+from rlhfkit.runtime.seeding import quiet_transformers, seed_everything
+
+__all__ = ["RewardConfig", "train", "score_file", "score_texts", "load_reward_model", "encode_response"]
+
+Mode = Literal["pairwise", "regression", "classification"]
+KIND = {"pairwise": "preference", "regression": "rating", "classification": "classification"}
+
+
+@dataclass
+class RewardDataConfig:
+    train: str = opt("", "training data: .jsonl/.json/.csv/.parquet file, bundled:NAME, or HF dataset name "
+                         "(rows of kind preference, rating or classification, following mode)")
+    split: str = opt("train", "split to read when train is a Hugging Face dataset")
+    eval: str = opt("", "eval data (same forms as train); empty = hold out eval_fraction of train")
+    eval_split: str = opt("validation", "split to read when eval is a Hugging Face dataset")
+    eval_fraction: float = opt(0.05, "fraction of train held out for eval when eval is empty", ge=0.0, lt=1.0)
+    max_samples: int = opt(0, "use at most this many training rows; 0 = all", ge=0)
+    max_length: int = opt(1024, "maximum tokens of prompt + response (or text)", gt=1)
+    truncation: Literal["error", "right"] = opt(
+        "error", "too-long inputs: report the row (error) or cut the end (right: the score is then read mid-response)"
+    )
+    chat_template: Literal["auto", "always", "never"] = opt(
+        "auto", "render prompt + response with the tokenizer's chat template: auto = when it has one"
+    )
+    group_by_length: bool = opt(True, "batch examples of similar length together to reduce padding")
+    on_error: Literal["error", "skip"] = opt("error", "bad rows: stop listing them (error) or skip them (skip)")
+    max_errors_shown: int = opt(20, "how many bad rows to list before '... and N more'", gt=0)
+
+
+@dataclass
+class RewardConfig:
+    output_dir: str = opt("runs/reward", "run folder: config, metrics, TensorBoard logs, checkpoints, final model")
+    overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
+    seed: int = opt(42, "seed for head init, LoRA init and data order")
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(True, "write TensorBoard logs to output_dir/tensorboard")
+    mode: Mode = opt("pairwise", "pairwise: Bradley-Terry on preference pairs; regression: MSE on rated "
+                                 "responses; classification: cross-entropy on labeled texts")
+    num_labels: int = opt(0, "head outputs: 0 = 1 for pairwise/regression, (largest label + 1) for classification", ge=0)
+    freeze_backbone: bool = opt(False, "train only the head (transfer fine-tuning, a linear probe); not with LoRA")
+    head_init: Literal["auto", "normal", "zeros"] = opt(
+        "auto", "head init: normal = N(0, 1/(hidden+1)) (Ziegler et al. 2019); zeros = every score starts at 0 "
+                "(the target mean); auto = zeros for regression, normal otherwise"
+    )
+    use_margin: bool = opt(True, "pairwise: subtract a row's optional 'margin' inside the sigmoid (Llama 2)")
+    center_rewards_coefficient: float = opt(
+        0.0, "pairwise: weight of mean (r_chosen + r_rejected)^2, keeps rewards centred (Eisenstein et al. 2023)", ge=0.0
+    )
+    normalize_targets: bool = opt(True, "regression: train on z-scored targets; predictions are de-normalized when scoring")
+    model: ModelConfig = section(ModelConfig, "backbone of the reward model")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapter (the head always trains in full; the result is merged)")
+    data: RewardDataConfig = section(RewardDataConfig, "training and eval data")
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimization"})
+
+    def validate(self) -> None:
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir", "expected a folder path for the run")
+        if self.mode != "classification" and self.num_labels > 1:
+            raise ConfigError("num_labels", f"mode={self.mode} predicts one scalar; use 0 or 1 (or mode=classification)")
+        if self.mode == "classification" and self.num_labels == 1:
+            raise ConfigError("num_labels", "classification needs at least 2 classes (or 0 to infer from the labels)")
+        if self.freeze_backbone and self.lora.enabled:
+            raise ConfigError("freeze_backbone", "a frozen backbone leaves nothing for LoRA to adapt; disable one")
+        if self.lora.enabled and "score" in self.lora.target_modules:
+            raise ConfigError("lora.target_modules", "'score' (the head) is trained in full already; leave it out")
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass
+class RewardExample:
+    where: str
+    seqs: list[list[int]]
+    """[chosen, rejected] token ids (pairwise), or [ids] (regression, classification)."""
+    target: float
+    """margin (pairwise; 0 when absent), score (regression) or class index (classification)."""
+
+
+def _encoder(cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase) -> Callable[[Sample], RewardExample]:
+    d = cfg.data
+
+    def enc(prompt: Any, response: Any, what: str = "prompt + response") -> list[int]:
+        return encode_response(tokenizer, prompt, response, max_length=d.max_length, chat_template=d.chat_template,
+                               truncation=d.truncation, what=what)
+
+    def transform(s: Sample) -> RewardExample:
+        if cfg.mode == "pairwise":
+            seqs = [enc(s.prompt, s.chosen, "prompt + chosen"), enc(s.prompt, s.rejected, "prompt + rejected")]
+            return RewardExample(s.where, seqs, s.margin or 0.0)
+        if cfg.mode == "regression":
+            return RewardExample(s.where, [enc(s.prompt, s.response)], float(s.score))  # type: ignore[arg-type]
+        ids = encode_text(tokenizer, s.text or "", max_length=d.max_length, truncation=d.truncation)
+        return RewardExample(s.where, [ids], float(s.label))  # type: ignore[arg-type]
+
+    return transform
+
+
+def _prepare_data(cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[list, list, list[str], int]:
+    """Train/eval examples, skipped rows, and the number of head outputs."""
+    d, kind, transform = cfg.data, KIND[cfg.mode], _encoder(cfg, tokenizer)
+    common = {"on_error": d.on_error, "max_errors_shown": d.max_errors_shown}
+    train, skipped = load_examples(d.train, kind, transform, split=d.split, max_samples=d.max_samples, **common)
+    if d.eval:
+        evals, skipped_eval = load_examples(d.eval, kind, transform, split=d.eval_split, **common)
+        skipped += skipped_eval
+    else:
+        train, evals = split_holdout(train, d.eval_fraction, cfg.seed)
+    num_labels = 1
+    if cfg.mode == "classification":
+        num_labels = cfg.num_labels or int(max(ex.target for ex in train + evals)) + 1
+        bad = [f"{ex.where}: field 'label' is {int(ex.target)}, but num_labels is {num_labels} (labels are 0.."
+               f"{num_labels - 1})" for ex in train + evals if ex.target >= num_labels]
+        enforce(bad, on_error="error", total=len(train) + len(evals), max_shown=d.max_errors_shown, what=d.train)
+        if num_labels < 2:
+            raise DataError(f"{d.train}: every label is 0; classification needs at least two classes")
+    return train, evals, skipped, num_labels
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss and metrics, per mode. Each returns the micro-batch loss (mean over examples) and metric sums,
+# which add up over micro-batches and ranks and are turned into means by _metrics.
+
+SUM_KEYS = {
+    "pairwise": ["loss", "n", "tokens", "correct", "margin", "chosen", "r", "rr", "nr"],
+    "regression": ["loss", "n", "tokens", "se", "sp", "sy", "spp", "syy", "spy"],
+    "classification": ["loss", "n", "tokens", "correct"],
+}
+
+
+@dataclass(frozen=True)
+class TargetNorm:
+    """Regression targets are trained as (y - mean) / std; predictions map back as p * std + mean."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+
+def _forward(model: torch.nn.Module, items: list[RewardExample], cfg: RewardConfig, pad_id: int,
+             device: torch.device, amp: torch.dtype | None, norm: TargetNorm) -> tuple[torch.Tensor, dict[str, float]]:
+    # Pairwise: one forward over [chosen_1..chosen_B, rejected_1..rejected_B].
+    seqs = [it.seqs[k] for k in range(len(items[0].seqs)) for it in items]
+    input_ids, attention_mask = pad_right(seqs, pad_id)
+    targets = torch.tensor([it.target for it in items], dtype=torch.float32, device=device)  # (B,)
+    with autocast(device, amp):
+        out = score_sequences(model, input_ids.to(device), attention_mask.to(device))  # (N,) or (N, K)
+    out = out.float()
+    B = len(items)
+    sums: dict[str, float] = {"n": float(B), "tokens": float(attention_mask.sum())}
+    if cfg.mode == "pairwise":
+        r_chosen, r_rejected = out[:B], out[B:]  # (B,), (B,)
+        loss, _ = bradley_terry_loss(r_chosen, r_rejected, targets if cfg.use_margin else None,
+                                     cfg.center_rewards_coefficient)
+        r = out.detach().double()
+        sums.update(correct=float((r[:B] > r[B:]).sum()), margin=float((r[:B] - r[B:]).sum()),
+                    chosen=float(r[:B].sum()), r=float(r.sum()), rr=float((r * r).sum()), nr=float(r.numel()))
+    elif cfg.mode == "regression":
+        loss, _ = regression_loss(out, (targets - norm.mean) / norm.std)
+        p, y = out.detach().double() * norm.std + norm.mean, targets.double()
+        sums.update(se=float(((p - y) ** 2).sum()), sp=float(p.sum()), sy=float(y.sum()), spp=float((p * p).sum()),
+                    syy=float((y * y).sum()), spy=float((p * y).sum()))
+    else:
+        loss, _ = classification_loss(out, targets.long())
+        sums["correct"] = float((out.argmax(-1) == targets.long()).sum())
+    sums["loss"] = loss.item() * B
+    return loss, sums
+
+
+def _add(acc: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+    return {k: acc[k] + new[k] for k in acc}
+
+
+def _reduce(acc: dict[str, float], info: DistInfo) -> dict[str, float]:
+    total = all_reduce_sum(torch.tensor(list(acc.values()), dtype=torch.float64), info)
+    return dict(zip(acc, total.tolist()))
+
+
+def _metrics(mode: str, s: dict[str, float], prefix: str) -> dict[str, float]:
+    n = max(s["n"], 1.0)
+    out = {"loss": s["loss"] / n}
+    if mode == "pairwise":
+        mean, std = mean_std_from_sums(s["nr"], s["r"], s["rr"])
+        out.update(accuracy=s["correct"] / n, margin=s["margin"] / n, chosen=s["chosen"] / n,
+                   rejected=(s["r"] - s["chosen"]) / n, reward_mean=mean, reward_std=std)
+    elif mode == "regression":
+        mean, std = mean_std_from_sums(s["n"], s["sp"], s["spp"])
+        out.update(mse=s["se"] / n, pearson=pearson_from_sums(s["n"], s["sp"], s["sy"], s["spp"], s["syy"], s["spy"]),
+                   reward_mean=mean, reward_std=std)
+    else:
+        out["accuracy"] = s["correct"] / n
+    return {f"{prefix}/{k}": v for k, v in out.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, items: list[RewardExample], cfg: RewardConfig, pad_id: int, device: torch.device,
+             amp: torch.dtype | None, norm: TargetNorm, info: DistInfo, prefix: str = "eval") -> dict[str, float]:
+    """Example-weighted metrics over `items`, sharded across ranks."""
+    model.eval()
+    sums = dict.fromkeys(SUM_KEYS[cfg.mode], 0.0)
+    mine = items[info.rank :: info.world_size]
+    for start in range(0, len(mine), cfg.train.eval_batch_size):
+        _, s = _forward(model, mine[start : start + cfg.train.eval_batch_size], cfg, pad_id, device, amp, norm)
+        sums = _add(sums, s)
+    model.train()
+    return _metrics(cfg.mode, _reduce(sums, info), prefix)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg: RewardConfig, resume: str | None = None) -> Path:
+    """Train a reward model; returns the folder of the final model. `resume` = 'latest' or a checkpoint path."""
+    device = resolve_device(cfg.model.device, local_rank_from_env())
+    info = init_distributed(device.type)
+    try:
+        return _train(cfg, resume, device, info)
+    finally:
+        cleanup()
+
+
+def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:
+    quiet_transformers()
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
+    train_items, eval_items, skipped, num_labels = _prepare_data(cfg, tokenizer)
+    if skipped:
+        print0(info, f"skipped {len(skipped)} invalid row(s) (data.on_error=skip); first: {skipped[0]}")
+    norm = TargetNorm()
+    if cfg.mode == "regression" and cfg.normalize_targets:
+        mean, std = mean_std_from_sums(len(train_items), sum(e.target for e in train_items),
+                                       sum(e.target**2 for e in train_items))
+        norm = TargetNorm(mean, std if std > 1e-8 else 1.0)
+
+    # The head has no bias, so a random init adds a shared offset to every score. Pairwise losses only see
+    # differences and ignore it; regression would spend its first steps unlearning it, hence zeros there.
+    head_init = cfg.head_init if cfg.head_init != "auto" else ("zeros" if cfg.mode == "regression" else "normal")
+    model = build_reward_model(cfg.model, tokenizer, num_labels=num_labels, head_init=head_init, seed=cfg.seed,
+                               device=device)
+    if cfg.freeze_backbone:
+        freeze_backbone(model)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")  # PEFT keeps `score` trainable (modules_to_save)
+    trainable, total = count_parameters(model)
+    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
+    print0(info, f"{cfg.mode} reward model on {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; "
+                 f"{len(train_items)} train / {len(eval_items)} eval examples; device {device}, {info.world_size} process(es)")
+
+    sampler = BatchSampler(len(train_items), cfg.train.batch_size, seed=cfg.seed, rank=info.rank,
+                           world_size=info.world_size, lengths=[max(map(len, e.seqs)) for e in train_items],
+                           group_by_length=cfg.data.group_by_length)
+    steps = total_steps(cfg.train, sampler.batches_per_epoch())
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, steps)
+    amp = autocast_dtype(cfg.train.mixed_precision, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+
+    start = 0
+    if resume is not None:
+        ckpt = restore_training_state(run_dir, resume, model=model, optimizer=optimizer, scheduler=scheduler, info=info)
+        sampler.load_state_dict(ckpt["sampler"])
+        start = ckpt["step"]
+        print0(info, f"resumed from {ckpt['folder']} at step {start}")
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
+    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
+                           resume_step=start if resume is not None else None)
+    pad_id = tokenizer.pad_token_id
+    headline = "eval/loss" if cfg.mode == "regression" else "eval/accuracy"
+
+    def log_eval(step: int) -> None:
+        if eval_items:
+            metrics = evaluate(ddp, eval_items, cfg, pad_id, device, amp, norm, info)
+            logger.log(step, metrics)
+            print0(info, f"step {step}: {headline} {metrics[headline]:.4f}")
+
+    if start == 0:
+        log_eval(0)
+    bar = ProgressBar(steps, enabled=info.is_main and cfg.progress, start=start, description=f"reward ({cfg.mode})")
+    model.train()
+    for step in range(start + 1, steps + 1):
+        t0 = time.perf_counter()
+        micro = [[train_items[i] for i in sampler.next()] for _ in range(cfg.train.grad_accum)]
+        # Every example weighs the same: divide by this rank's examples in the step (the sampler always
+        # fills its batches, so it is the same on every rank and DDP's gradient mean finishes the job).
+        per_rank = sum(len(m) for m in micro)
+        sums = dict.fromkeys(SUM_KEYS[cfg.mode], 0.0)
+        for k, items in enumerate(micro):
+            sync = k == len(micro) - 1 or not info.enabled
+            with ddp.no_sync() if not sync else contextlib.nullcontext():
+                loss, s = _forward(ddp, items, cfg, pad_id, device, amp, norm)
+                loss = loss * len(items) / per_rank
+                (scaler.scale(loss) if scaler else loss).backward()
+            sums = _add(sums, s)
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg.train.max_grad_norm, scaler)
+
+        sums = _reduce(sums, info)
+        metrics = _metrics(cfg.mode, sums, "train")
+        elapsed = time.perf_counter() - t0
+        bar.update(1, int(sums["tokens"]), elapsed, f"loss {metrics['train/loss']:.4f}")
+        if step % cfg.train.log_every == 0 or step == steps:
+            logger.log(step, {**metrics, "train/lr": lr, "train/grad_norm": grad_norm,
+                              "train/tokens_per_s": sums["tokens"] / elapsed, "train/step_seconds": elapsed,
+                              "train/epoch": sampler.epoch + sampler.batch / sampler.batches_per_epoch()})
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps and eval_items:
+            logger.log(step, evaluate(ddp, eval_items, cfg, pad_id, device, amp, norm, info))
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == steps:
+            save_training_state(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                state={"sampler": sampler.state_dict()}, keep=cfg.train.save_total_limit, info=info)
+    bar.close()
+    log_eval(steps)
+
+    # Reward statistics over the training responses (chosen and rejected), in scoring units: PPO can
+    # use them to normalise rewards, and a reader sees what scale this model outputs.
+    attrs: dict[str, Any] = {"rlhfkit_mode": cfg.mode, "rlhfkit_chat_template": cfg.data.chat_template}
+    if cfg.mode != "classification":
+        stats = evaluate(ddp, train_items, cfg, pad_id, device, amp, norm, info, prefix="stats")
+        attrs.update(rlhfkit_reward_mean=stats["stats/reward_mean"], rlhfkit_reward_std=stats["stats/reward_std"])
+        logger.log(steps, {"stats/reward_mean": stats["stats/reward_mean"], "stats/reward_std": stats["stats/reward_std"]})
+    if cfg.mode == "regression":
+        attrs.update(rlhfkit_target_mean=norm.mean, rlhfkit_target_std=norm.std)
+    out = run_dir / "model"
+    if info.is_main:
+        save_reward_model(model, tokenizer, out, attrs)
+        print(f"saved reward model to {out}", flush=True)
+    logger.close()
+    return out
+
+
+def save_reward_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path, attrs: dict[str, Any]) -> None:
+    """A plain *ForSequenceClassification folder (LoRA merged), with `attrs` in config.json and reward_stats.json."""
+    model = unwrap(model)
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()  # the trained `score` copy replaces the original head
+    for key, value in attrs.items():
+        setattr(model.config, key, value)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    (out / "reward_stats.json").write_text(json.dumps(attrs, indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _response_row(row: Row) -> Sample:
+    d = row.data or {}
+    return Sample(row.where, prompt=_field(d, "prompt", allow_messages=True),
+                  response=_field(d, "response", allow_messages=False))  # type: ignore[arg-type]
+
+
+def score_file(model_spec: str, data: str, output: str, batch_size: int = 8, max_length: int = 1024) -> Path:
+    """Score every row of `data` with a reward model and write JSONL to `output` (nothing partial).
+
+    Rows with `chosen`/`rejected` (preference) get `score_chosen` and `score_rejected`; rows with
+    `prompt` + `response` get `score` (an input `score` field, e.g. a human rating, is kept as
+    `reference_score`). Other input fields are copied through.
+    """
+    quiet_transformers()
+    model, tokenizer = load_reward_model(model_spec)
+    check_scalar(model)
+    template = getattr(model.config, "rlhfkit_chat_template", "auto")
+    rows = load_rows(data)
+    if not rows:
+        raise DataError(f"{data}: no rows found")
+    pairwise = any(r.data is not None and "chosen" in r.data for r in rows)
+    jobs: list[tuple[dict[str, Any], list[list[int]]]] = []
+    problems: list[str] = []
+
+    def enc(prompt: Any, response: Any, what: str = "prompt + response") -> list[int]:
+        return encode_response(tokenizer, prompt, response, max_length=max_length, chat_template=template, what=what,
+                               setting="max_length")
+
+    for row in rows:
+        if row.error is not None:
+            problems.append(f"{row.where}: {row.error}")
+            continue
+        try:
+            if pairwise:
+                s = VALIDATORS["preference"](row)
+                seqs = [enc(s.prompt, s.chosen, "prompt + chosen"), enc(s.prompt, s.rejected, "prompt + rejected")]
+            else:
+                s = _response_row(row)
+                seqs = [enc(s.prompt, s.response)]
+        except RowProblem as exc:
+            problems.append(f"{row.where}: {exc}")
+            continue
+        jobs.append((row.data or {}, seqs))
+    enforce(problems, on_error="error", total=len(rows), what=data)
+    flat = [seq for _, seqs in jobs for seq in seqs]
+    scores = iter(to_reward_units(model, score_ids(model, flat, tokenizer.pad_token_id, batch_size)))
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for fields, _ in jobs:
+            row_out = dict(fields)
+            if pairwise:
+                row_out.update(score_chosen=next(scores), score_rejected=next(scores))
+            else:
+                if "score" in row_out:
+                    row_out["reference_score"] = row_out.pop("score")
+                row_out["score"] = next(scores)
+            handle.write(json.dumps(row_out, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
