@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import PreTrainedTokenizerBase
 
 from rlhfkit.config import opt, section
+from rlhfkit.data.config import DataConfig, load_train_eval
 from rlhfkit.data.formats import VALIDATORS, RowProblem, Sample, _field, enforce
-from rlhfkit.data.prepare import load_examples, split_holdout
 from rlhfkit.data.sampler import BatchSampler
 from rlhfkit.data.sources import Row, load_rows
 from rlhfkit.errors import ConfigError, DataError
@@ -81,17 +80,10 @@ from rlhfkit.runtime.distributed import (
 from rlhfkit.runtime.loop import (
     TrainConfig,
     autocast,
-    autocast_dtype,
-    build_optimizer,
-    build_scheduler,
     optimizer_step,
-    prepare_run_dir,
-    restore_training_state,
-    save_training_state,
-    total_steps,
 )
-from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
 from rlhfkit.runtime.seeding import quiet_transformers, seed_everything
+from rlhfkit.runtime.session import open_session
 
 __all__ = ["RewardConfig", "train", "score_file", "score_texts", "load_reward_model", "encode_response"]
 
@@ -100,24 +92,13 @@ KIND = {"pairwise": "preference", "regression": "rating", "classification": "cla
 
 
 @dataclass
-class RewardDataConfig:
+class RewardDataConfig(DataConfig):
     train: str = opt("", "training data: .jsonl/.json/.csv/.parquet file, bundled:NAME, or HF dataset name "
                          "(rows of kind preference, rating or classification, following mode)")
-    split: str = opt("train", "split to read when train is a Hugging Face dataset")
-    eval: str = opt("", "eval data (same forms as train); empty = hold out eval_fraction of train")
-    eval_split: str = opt("validation", "split to read when eval is a Hugging Face dataset")
-    eval_fraction: float = opt(0.05, "fraction of train held out for eval when eval is empty", ge=0.0, lt=1.0)
-    max_samples: int = opt(0, "use at most this many training rows; 0 = all", ge=0)
     max_length: int = opt(1024, "maximum tokens of prompt + response (or text)", gt=1)
     truncation: Literal["error", "right"] = opt(
         "error", "too-long inputs: report the row (error) or cut the end (right: the score is then read mid-response)"
     )
-    chat_template: Literal["auto", "always", "never"] = opt(
-        "auto", "render prompt + response with the tokenizer's chat template: auto = when it has one"
-    )
-    group_by_length: bool = opt(True, "batch examples of similar length together to reduce padding")
-    on_error: Literal["error", "skip"] = opt("error", "bad rows: stop listing them (error) or skip them (skip)")
-    max_errors_shown: int = opt(20, "how many bad rows to list before '... and N more'", gt=0)
 
 
 @dataclass
@@ -193,13 +174,7 @@ def _encoder(cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase) -> Callable[
 def _prepare_data(cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[list, list, list[str], int]:
     """Train/eval examples, skipped rows, and the number of head outputs."""
     d, kind, transform = cfg.data, KIND[cfg.mode], _encoder(cfg, tokenizer)
-    common = {"on_error": d.on_error, "max_errors_shown": d.max_errors_shown}
-    train, skipped = load_examples(d.train, kind, transform, split=d.split, max_samples=d.max_samples, **common)
-    if d.eval:
-        evals, skipped_eval = load_examples(d.eval, kind, transform, split=d.eval_split, **common)
-        skipped += skipped_eval
-    else:
-        train, evals = split_holdout(train, d.eval_fraction, cfg.seed)
+    train, evals, skipped = load_train_eval(d, kind, transform, cfg.seed)
     num_labels = 1
     if cfg.mode == "classification":
         num_labels = cfg.num_labels or int(max(ex.target for ex in train + evals)) + 1
@@ -335,29 +310,16 @@ def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: Di
         freeze_backbone(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")  # PEFT keeps `score` trainable (modules_to_save)
+    sampler = BatchSampler(len(train_items), cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                           rank=info.rank, world_size=info.world_size,
+                           lengths=[max(map(len, e.seqs)) for e in train_items], group_by_length=cfg.data.group_by_length)
+    run = open_session(cfg, model=model, sampler=sampler, resume=resume, info=info, device=device)
+    if run.finished:
+        return run.run_dir / "model"
     trainable, total = count_parameters(model)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
     print0(info, f"{cfg.mode} reward model on {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; "
                  f"{len(train_items)} train / {len(eval_items)} eval examples; device {device}, {info.world_size} process(es)")
-
-    sampler = BatchSampler(len(train_items), cfg.train.batch_size, seed=cfg.seed, rank=info.rank,
-                           world_size=info.world_size, lengths=[max(map(len, e.seqs)) for e in train_items],
-                           group_by_length=cfg.data.group_by_length)
-    steps = total_steps(cfg.train, sampler.batches_per_epoch())
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, steps)
-    amp = autocast_dtype(cfg.train.mixed_precision, device)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-
-    start = 0
-    if resume is not None:
-        ckpt = restore_training_state(run_dir, resume, model=model, optimizer=optimizer, scheduler=scheduler, info=info)
-        sampler.load_state_dict(ckpt["sampler"])
-        start = ckpt["step"]
-        print0(info, f"resumed from {ckpt['folder']} at step {start}")
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
-    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
-                           resume_step=start if resume is not None else None)
+    ddp, amp, logger = run.ddp, run.amp, run.logger
     pad_id = tokenizer.pad_token_id
     headline = "eval/loss" if cfg.mode == "regression" else "eval/accuracy"
 
@@ -367,11 +329,11 @@ def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: Di
             logger.log(step, metrics)
             print0(info, f"step {step}: {headline} {metrics[headline]:.4f}")
 
-    if start == 0:
+    if run.start == 0:
         log_eval(0)
-    bar = ProgressBar(steps, enabled=info.is_main and cfg.progress, start=start, description=f"reward ({cfg.mode})")
+    bar = run.progress(cfg.progress, f"reward ({cfg.mode})")
     model.train()
-    for step in range(start + 1, steps + 1):
+    for step in range(run.start + 1, run.steps + 1):
         t0 = time.perf_counter()
         micro = [[train_items[i] for i in sampler.next()] for _ in range(cfg.train.grad_accum)]
         # Every example weighs the same: divide by this rank's examples in the step (the sampler always
@@ -383,25 +345,22 @@ def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: Di
             with ddp.no_sync() if not sync else contextlib.nullcontext():
                 loss, s = _forward(ddp, items, cfg, pad_id, device, amp, norm)
                 loss = loss * len(items) / per_rank
-                (scaler.scale(loss) if scaler else loss).backward()
+                (run.scaler.scale(loss) if run.scaler else loss).backward()
             sums = _add(sums, s)
-        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg.train.max_grad_norm, scaler)
+        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.train.max_grad_norm, run.scaler)
 
         sums = _reduce(sums, info)
         metrics = _metrics(cfg.mode, sums, "train")
         elapsed = time.perf_counter() - t0
         bar.update(1, int(sums["tokens"]), elapsed, f"loss {metrics['train/loss']:.4f}")
-        if step % cfg.train.log_every == 0 or step == steps:
-            logger.log(step, {**metrics, "train/lr": lr, "train/grad_norm": grad_norm,
-                              "train/tokens_per_s": sums["tokens"] / elapsed, "train/step_seconds": elapsed,
-                              "train/epoch": sampler.epoch + sampler.batch / sampler.batches_per_epoch()})
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps and eval_items:
+        run.end_step(step, model=model, sampler=sampler, metrics={
+            **metrics, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": sums["tokens"] / elapsed,
+            "train/step_seconds": elapsed,
+        })
+        if run.should_eval(step) and eval_items:
             logger.log(step, evaluate(ddp, eval_items, cfg, pad_id, device, amp, norm, info))
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == steps:
-            save_training_state(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                state={"sampler": sampler.state_dict()}, keep=cfg.train.save_total_limit, info=info)
     bar.close()
-    log_eval(steps)
+    log_eval(run.steps)
 
     # Reward statistics over the training responses (chosen and rejected), in scoring units: PPO can
     # use them to normalise rewards, and a reader sees what scale this model outputs.
@@ -409,10 +368,10 @@ def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: Di
     if cfg.mode != "classification":
         stats = evaluate(ddp, train_items, cfg, pad_id, device, amp, norm, info, prefix="stats")
         attrs.update(rlhfkit_reward_mean=stats["stats/reward_mean"], rlhfkit_reward_std=stats["stats/reward_std"])
-        logger.log(steps, {"stats/reward_mean": stats["stats/reward_mean"], "stats/reward_std": stats["stats/reward_std"]})
+        logger.log(run.steps, {"stats/reward_mean": stats["stats/reward_mean"], "stats/reward_std": stats["stats/reward_std"]})
     if cfg.mode == "regression":
         attrs.update(rlhfkit_target_mean=norm.mean, rlhfkit_target_std=norm.std)
-    out = run_dir / "model"
+    out = run.run_dir / "model"
     if info.is_main:
         save_reward_model(model, tokenizer, out, attrs)
         print(f"saved reward model to {out}", flush=True)
