@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # peft still calls transformers' deprecated alias on every LoRA model; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # peft looks for the base model's config under the spec string (bundled:...) when saving an adapter.
+    warnings.filterwarnings("ignore", message="Could not find a config file in .*", category=UserWarning)
     args = _normalize_resume(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=args, prog_name="rlhfkit", standalone_mode=False)
