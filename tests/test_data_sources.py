@@ -315,3 +315,13 @@ def test_unknown_bundled_dataset_lists_available():
     assert message.startswith("unknown bundled dataset 'bundled:nope'; available: bundled:demo_prompts, ")
     names = message.split("available: ", 1)[1].split(", ")
     assert "bundled:instructions" in names and names == sorted(names)
+
+
+def test_hf_dataset_name_offline_gives_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError) as info:
+        load_rows("someorg/not-a-cached-dataset", split="validation")
+    message = str(info.value)
+    assert message.startswith("could not load Hugging Face dataset 'someorg/not-a-cached-dataset' (split 'validation')")
+    assert "export it to a JSONL/Parquet file" in message
