@@ -145,8 +145,9 @@ def test_dpo_config_errors() -> None:
         load_config(DPOConfig, None, ["data.train=x.jsonl", "dpo.loss_type=ipo", "dpo.label_smoothing=0.1"])
     with pytest.raises(ConfigError, match="config key 'dpo.beta'"):
         load_config(DPOConfig, None, ["data.train=x.jsonl", "dpo.beta=0"])
+    load_config(DPOConfig, None, [])  # --print-config works without data
     with pytest.raises(ConfigError, match="config key 'data.train'"):
-        load_config(DPOConfig, None, [])
+        train(load_config(DPOConfig, None, ["model.name=tiny:llama"]))
     with pytest.raises(DataError, match="file not found"):
         train(load_config(DPOConfig, None, ["model.name=tiny:llama", "data.train=/nonexistent/pairs.jsonl"]))
 

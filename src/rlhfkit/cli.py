@@ -138,6 +138,9 @@ def feedback_simulate(
     """Sample answers, label them with a simulated annotator, and write a preference file."""
     from rlhfkit.feedback import simulate_feedback
 
+    if temperature <= 0:
+        raise RlhfkitError("--temperature: expected a value > 0 (candidates are sampled, not greedy)")
+
     stats = simulate_feedback(model, prompts, output, annotator=annotator, samples_per_prompt=samples_per_prompt,
                               max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, max_prompts=max_prompts)
     typer.echo(f"wrote {output}: " + ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list))))

@@ -117,8 +117,8 @@ def feedback_demo(overrides: list[str]) -> None:
     start_model = load_causal_lm(ModelConfig(name=cfg.model, device="cpu"), tokenizer=tokenizer)
     before = generate(start_model, tokenizer, ids, max_new_tokens=cfg.max_new_tokens + 8, batch_size=16)
 
-    print(f"[2/5] DPO with LoRA on the pairs (beta {dpo_cfg.dpo.beta}, lr {dpo_cfg.train.lr}, "
-          f"{dpo_cfg.train.epochs:g} epochs) ...", flush=True)
+    length = f"{dpo_cfg.train.max_steps} steps" if dpo_cfg.train.max_steps else f"{dpo_cfg.train.epochs:g} epochs"
+    print(f"[2/5] DPO with LoRA on the pairs (beta {dpo_cfg.dpo.beta}, lr {dpo_cfg.train.lr}, {length}) ...", flush=True)
     t1 = time.perf_counter()
     model_dir = train_dpo(dpo_cfg)
     print(f"      trained in {time.perf_counter() - t1:.0f} s", flush=True)
@@ -163,7 +163,7 @@ def feedback_demo(overrides: list[str]) -> None:
 
 
 def _fmt_stats(stats: dict) -> str:
-    keys = [k for k in ("ties", "duplicates", "empty", "skipped") if k in stats]
+    keys = [k for k in ("ties", "too_few", "duplicates", "empty") if k in stats]
     return ", ".join(f"{stats[k]} {k}" for k in keys) or "ok"
 
 

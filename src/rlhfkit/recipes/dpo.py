@@ -96,8 +96,8 @@ class DPOConfig:
                                metadata={"help": "optimization (batch_size counts pairs)"})
 
     def validate(self) -> None:
-        if not self.data.train.strip():
-            raise ConfigError("data.train", "expected a preference data file or dataset name")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir", "expected a folder path for the run")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,6 +249,8 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
     quiet_transformers()
     seed_everything(cfg.seed)
     d = cfg.data
+    if not d.train.strip():
+        raise ConfigError("data.train", "expected a preference data file or dataset name (prompt, chosen, rejected)")
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
     tok = partial(tokenize_preference, tokenizer=tokenizer, max_length=d.max_length, chat_template=d.chat_template,
                   truncation=d.truncation)

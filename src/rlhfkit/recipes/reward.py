@@ -180,7 +180,8 @@ def _prepare_data(cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase) -> tupl
         num_labels = cfg.num_labels or int(max(ex.target for ex in train + evals)) + 1
         bad = [f"{ex.where}: field 'label' is {int(ex.target)}, but num_labels is {num_labels} (labels are 0.."
                f"{num_labels - 1})" for ex in train + evals if ex.target >= num_labels]
-        enforce(bad, on_error="error", total=len(train) + len(evals), max_shown=d.max_errors_shown, what=d.train)
+        enforce(bad, on_error="error", total=len(train) + len(evals), max_shown=d.max_errors_shown, what=d.train,
+                hint="Fix the labels or raise num_labels (nothing was written).")
         if num_labels < 2:
             raise DataError(f"{d.train}: every label is 0; classification needs at least two classes")
     return train, evals, skipped, num_labels
@@ -438,7 +439,7 @@ def score_file(model_spec: str, data: str, output: str, batch_size: int = 8, max
             problems.append(f"{row.where}: {exc}")
             continue
         jobs.append((row.data or {}, seqs))
-    enforce(problems, on_error="error", total=len(rows), what=data)
+    enforce(problems, on_error="error", total=len(rows), what=data, hint="Fix them and score again (nothing was written).")
     flat = [seq for _, seqs in jobs for seq in seqs]
     scores = iter(to_reward_units(model, score_ids(model, flat, tokenizer.pad_token_id, batch_size)))
     path = Path(output)

@@ -144,6 +144,8 @@ def prepare_run_dir(cfg: Any, output_dir: str, *, resume: str | None, overwrite:
 
 
 def _prepare_on_main(cfg: Any, run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    if not str(run_dir).strip() or run_dir.resolve() == Path.cwd().resolve() or run_dir.resolve() == Path.home():
+        raise RlhfkitError(f"output_dir '{run_dir}' must name a folder for this run (not the current or home folder)")
     existing = run_dir.is_dir() and any(
         (run_dir / name).exists() for name in ("checkpoints", "model", "config.yaml", "metrics.jsonl")
     )
