@@ -56,6 +56,7 @@ from rlhfkit.runtime.loop import (
     TrainConfig,
     autocast,
     autocast_dtype,
+    check_run_dir,
     optimizer_step,
 )
 from rlhfkit.runtime.seeding import quiet_transformers, seed_everything
@@ -258,6 +259,7 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
     if skipped:
         print0(info, f"skipped {len(skipped)} invalid row(s) (data.on_error=skip); first: {skipped[0]}")
 
+    check_run_dir(cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
     model = load_causal_lm(cfg.model, device, tokenizer)
     # The reference: another model, or the starting policy. Under LoRA that is the base with adapters
     # disabled (ref_model None, no second copy); a full fine-tune needs a frozen copy only when the

@@ -129,39 +129,52 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 def prepare_run_dir(cfg: Any, output_dir: str, *, resume: str | None, overwrite: bool, info: DistInfo) -> Path:
     """Create (rank 0) the run folder; refuse to clobber an earlier run unless asked; save the config."""
+    check_run_dir(output_dir, resume=resume, overwrite=overwrite, info=info)
     run_dir = Path(output_dir)
-    problem = None
     if info.is_main:
-        try:
-            _prepare_on_main(cfg, run_dir, resume, overwrite)
-        except RlhfkitError as exc:
-            problem = str(exc)
-    # Every rank learns about a problem found on rank 0, so all exit with the same clear message.
-    problem = broadcast_object(problem, info)
-    if problem is not None:
-        raise RlhfkitError(problem)
+        if resume is None and _holds_run(run_dir):
+            shutil.rmtree(run_dir)  # overwrite=true, checked above
+        if resume is not None and (run_dir / "config.yaml").is_file():
+            _warn_config_changes(yaml.safe_load((run_dir / "config.yaml").read_text()), to_dict(cfg))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+    barrier(info)
     return run_dir
 
 
-def _prepare_on_main(cfg: Any, run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    if not str(run_dir).strip() or run_dir.resolve() == Path.cwd().resolve() or run_dir.resolve() == Path.home():
-        raise RlhfkitError(f"output_dir '{run_dir}' must name a folder for this run (not the current or home folder)")
-    existing = run_dir.is_dir() and any(
+def check_run_dir(output_dir: str, *, resume: str | None, overwrite: bool, info: DistInfo) -> None:
+    """Fail early (on every rank) if the run folder cannot be used; writes nothing.
+
+    Recipes with a long set-up (DPO's reference pass) call this first, so a wrong output_dir or
+    --resume is reported before minutes of work instead of after.
+    """
+    problem = None
+    if info.is_main:
+        try:
+            _check_on_main(Path(output_dir), resume, overwrite)
+        except RlhfkitError as exc:
+            problem = str(exc)
+    problem = broadcast_object(problem, info)
+    if problem is not None:
+        raise RlhfkitError(problem)
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(
         (run_dir / name).exists() for name in ("checkpoints", "model", "config.yaml", "metrics.jsonl")
     )
-    if resume is None and existing:
-        if not overwrite:
-            raise RlhfkitError(
-                f"{run_dir} already holds a run. Pass --resume to continue it, set overwrite=true to "
-                "replace it, or choose another output_dir."
-            )
-        shutil.rmtree(run_dir)
+
+
+def _check_on_main(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    if not str(run_dir).strip() or run_dir.resolve() == Path.cwd().resolve() or run_dir.resolve() == Path.home():
+        raise RlhfkitError(f"output_dir '{run_dir}' must name a folder for this run (not the current or home folder)")
+    if resume is None and _holds_run(run_dir) and not overwrite:
+        raise RlhfkitError(
+            f"{run_dir} already holds a run. Pass --resume to continue it, set overwrite=true to "
+            "replace it, or choose another output_dir."
+        )
     if resume is not None:
-        find_checkpoint(run_dir, resume)  # fail before touching the folder
-        if (run_dir / "config.yaml").is_file():
-            _warn_config_changes(yaml.safe_load((run_dir / "config.yaml").read_text()), to_dict(cfg))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+        find_checkpoint(run_dir, resume)
 
 
 _HARMLESS = {"max_steps", "epochs", "eval_every", "save_every", "save_total_limit", "log_every", "progress",
