@@ -47,10 +47,9 @@ from rlhfkit.runtime.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
-    cleanup,
-    init_distributed,
     local_rank_from_env,
     print0,
+    run_on_ranks,
 )
 from rlhfkit.runtime.loop import (
     TrainConfig,
@@ -239,11 +238,7 @@ def evaluate(model: torch.nn.Module, pairs: list[PairExample], ref: tuple[torch.
 def train(cfg: DPOConfig, resume: str | None = None) -> Path:
     """Run DPO; returns the folder of the final model. `resume` = 'latest' or a checkpoint path."""
     device = resolve_device(cfg.model.device, local_rank_from_env())
-    info = init_distributed(device.type)
-    try:
-        return _train(cfg, resume, device, info)
-    finally:
-        cleanup()
+    return run_on_ranks(lambda info: _train(cfg, resume, device, info), device)
 
 
 def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:

@@ -72,10 +72,9 @@ from rlhfkit.runtime.checkpoint import unwrap
 from rlhfkit.runtime.distributed import (
     DistInfo,
     all_reduce_sum,
-    cleanup,
-    init_distributed,
     local_rank_from_env,
     print0,
+    run_on_ranks,
 )
 from rlhfkit.runtime.loop import (
     TrainConfig,
@@ -282,11 +281,7 @@ def evaluate(model: torch.nn.Module, items: list[RewardExample], cfg: RewardConf
 def train(cfg: RewardConfig, resume: str | None = None) -> Path:
     """Train a reward model; returns the folder of the final model. `resume` = 'latest' or a checkpoint path."""
     device = resolve_device(cfg.model.device, local_rank_from_env())
-    info = init_distributed(device.type)
-    try:
-        return _train(cfg, resume, device, info)
-    finally:
-        cleanup()
+    return run_on_ranks(lambda info: _train(cfg, resume, device, info), device)
 
 
 def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:

@@ -38,10 +38,9 @@ from rlhfkit.runtime.checkpoint import unwrap
 from rlhfkit.runtime.distributed import (
     DistInfo,
     all_reduce_sum,
-    cleanup,
-    init_distributed,
     local_rank_from_env,
     print0,
+    run_on_ranks,
 )
 from rlhfkit.runtime.loop import (
     TrainConfig,
@@ -142,11 +141,7 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[Text], cfg: SFTConfi
 def train(cfg: SFTConfig, resume: str | None = None) -> Path:
     """Run SFT; returns the folder of the final model. `resume` = 'latest' or a checkpoint path."""
     device = resolve_device(cfg.model.device, local_rank_from_env())
-    info = init_distributed(device.type)
-    try:
-        return _train(cfg, resume, device, info)
-    finally:
-        cleanup()
+    return run_on_ranks(lambda info: _train(cfg, resume, device, info), device)
 
 
 def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:

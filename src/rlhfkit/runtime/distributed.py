@@ -7,8 +7,10 @@ Backend: nccl on CUDA, gloo on CPU. Only rank 0 writes files and prints progress
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,6 +43,18 @@ def init_distributed(device_type: str = "cpu") -> DistInfo:
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     return DistInfo(rank, world, local)
+
+
+T = TypeVar("T")
+
+
+def run_on_ranks(body: Callable[[DistInfo], T], device: torch.device) -> T:
+    """Join the process group (if launched by torchrun/accelerate), run `body`, always leave the group."""
+    info = init_distributed(device.type)
+    try:
+        return body(info)
+    finally:
+        cleanup()
 
 
 def local_rank_from_env() -> int:
