@@ -467,3 +467,12 @@ def test_apply_lora_known_target_modules(tokenizer):
     model = apply_lora(build_tiny("llama", tokenizer), LoraConfig(enabled=True, r=2, target_modules=["q_proj"]))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n and "q_proj" in n for n in names)
+
+
+def test_partial_section_override_keeps_the_recipe_defaults() -> None:
+    """Overriding one key of a section keeps the recipe's own defaults for the others (PPO's train
+    section defaults differ from TrainConfig's)."""
+    from rlhfkit.recipes.ppo import PPOConfig
+
+    cfg = load_config(PPOConfig, None, ["train.lr=0.1"])
+    assert cfg.train.lr == 0.1 and cfg.train.scheduler == "constant" and cfg.train.max_steps == 100

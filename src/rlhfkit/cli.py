@@ -108,6 +108,21 @@ def reward(
     train(cfg, resume=resume)
 
 
+@app.command(context_settings=RECIPE_CONTEXT)
+def ppo(
+    ctx: typer.Context,
+    config: Optional[Path] = CONFIG_OPT,
+    print_config: bool = PRINT_OPT,
+    resume: Optional[str] = RESUME_OPT,
+) -> None:
+    """Online RL on prompts: PPO with a critic (ppo.advantage=gae), RLOO or GRPO, against reward models,
+    built-in scorers (sentiment, length) or your own module:function."""
+    from rlhfkit.recipes.ppo import PPOConfig, train
+
+    cfg = _load(PPOConfig, config, list(ctx.args), print_config)
+    train(cfg, resume=resume)
+
+
 @app.command("reward-score", hidden=True)
 def reward_score(
     model: str = typer.Option(..., "--model", help="Reward model folder (output of rlhfkit reward)."),

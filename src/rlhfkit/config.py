@@ -136,10 +136,21 @@ def _build(cls: type, raw: Any, prefix: str, sources: dict[str, str]) -> Any:
         full = prefix + name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, raw[name], full + ".", sources)
+            section_cfg = _build(tp, raw[name], full + ".", sources)
+            default = _field_default(fields[name])
+            if default is not None:  # the parent's own defaults for this section (e.g. PPO's train.lr)
+                given = raw[name] if isinstance(raw[name], dict) else {}
+                section_cfg = dataclasses.replace(default, **{k: getattr(section_cfg, k) for k in given})
+            kwargs[name] = section_cfg
         else:
             kwargs[name] = _coerce(raw[name], tp, full, sources.get(full))
     return cls(**kwargs)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _type_name(tp: Any) -> str:

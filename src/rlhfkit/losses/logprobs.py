@@ -23,19 +23,29 @@ def token_logprobs(
     temperature tau draws from softmax(logits / tau); PPO's ratios and KL must use the same scale).
     Returns (logps, mask), both (B, T-1); logps is 0 where mask is False.
     """
-    logits = logits[:, :-1]  # (B, T-1, V): the last position predicts nothing inside the sequence
     target = labels[:, 1:]  # (B, T-1)
     mask = target != IGNORE
-    safe = target.clamp(min=0).unsqueeze(-1)  # (B, T-1, 1)
+    # logits[:, :-1]: the last position predicts nothing inside the sequence
+    return selected_logprobs(logits[:, :-1], target.clamp(min=0), temperature=temperature, chunk_size=chunk_size) * mask, mask
+
+
+def selected_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, chunk_size: int = 128
+) -> torch.Tensor:
+    """log softmax(logits / temperature)[target] for logits already aligned with their targets.
+
+    logits: (B, T, V), position t scoring targets[:, t] (valid token ids everywhere); returns (B, T)
+    float32, computed `chunk_size` positions at a time.
+    """
+    safe = targets.unsqueeze(-1)  # (B, T, 1)
     pieces = []
-    for start in range(0, target.size(1), chunk_size):
+    for start in range(0, targets.size(1), chunk_size):
         chunk = logits[:, start : start + chunk_size].float()  # (B, c, V)
         if temperature != 1.0:
             chunk = chunk / temperature
         picked = chunk.gather(-1, safe[:, start : start + chunk_size]).squeeze(-1)  # (B, c)
         pieces.append(picked - torch.logsumexp(chunk, dim=-1))
-    logps = torch.cat(pieces, dim=1) if pieces else logits.new_zeros(target.shape, dtype=torch.float32)
-    return logps * mask, mask
+    return torch.cat(pieces, dim=1) if pieces else logits.new_zeros(targets.shape, dtype=torch.float32)
 
 
 def sequence_logprobs(

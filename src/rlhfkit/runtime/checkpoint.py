@@ -108,6 +108,9 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
     """Load `save_pretrained` output back into an already built model (full or PEFT)."""
     model = unwrap(model)
+    if hasattr(model, "load_checkpoint_weights"):  # composite models (PPO's policy + value) load their parts
+        model.load_checkpoint_weights(folder)
+        return
     if is_peft(model):
         from peft import set_peft_model_state_dict
 

@@ -90,6 +90,19 @@ def optimizer_step(
 
     Returns (grad_norm before clipping, learning rate used for this step).
     """
+    lr = scheduler.get_last_lr()[0]
+    grad_norm = apply_gradients(model, optimizer, max_grad_norm, scaler)
+    scheduler.step()
+    return grad_norm, lr
+
+
+def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                    scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimizer update without touching the schedule (PPO takes several per rollout step).
+
+    Unscales (fp16), clips the global grad norm (0 = no clipping), steps and zeroes the gradients;
+    returns the norm before clipping.
+    """
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -99,10 +112,8 @@ def optimizer_step(
         scaler.update()
     else:
         optimizer.step()
-    lr = scheduler.get_last_lr()[0]
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, lr
+    return grad_norm
 
 
 def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:

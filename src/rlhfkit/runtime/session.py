@@ -47,6 +47,8 @@ class Session:
     logger: MetricsLogger
     train: TrainConfig
     info: DistInfo
+    state: dict[str, Any]
+    """The restored checkpoint's state.json (empty for a new run): recipes keep running statistics here."""
 
     def progress(self, enabled: bool, description: str) -> ProgressBar:
         return ProgressBar(self.steps, enabled=self.info.is_main and enabled, start=self.start, description=description)
@@ -77,10 +79,11 @@ def open_session(cfg: Any, *, model: torch.nn.Module, sampler: BatchSampler, res
     scheduler = build_scheduler(optimizer, train, steps)
     amp = autocast_dtype(train.mixed_precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    start, finished = 0, False
+    start, finished, state = 0, False, {}
     if resume is not None:
         ckpt = restore_training_state(run_dir, resume, model=model, optimizer=optimizer, scheduler=scheduler, info=info)
         sampler.load_state_dict(ckpt["sampler"])
+        state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "rng")}
         start = ckpt["step"]
         print0(info, f"resumed from {ckpt['folder']} at step {start}")
         finished = start >= steps and (run_dir / "model").is_dir()
@@ -90,4 +93,4 @@ def open_session(cfg: Any, *, model: torch.nn.Module, sampler: BatchSampler, res
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
     logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
                            resume_step=start if resume is not None else None)
-    return Session(run_dir, steps, start, finished, optimizer, scheduler, scaler, amp, ddp, logger, train, info)
+    return Session(run_dir, steps, start, finished, optimizer, scheduler, scaler, amp, ddp, logger, train, info, state)
