@@ -237,3 +237,18 @@ def test_ppo_config_and_data_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert not (tmp_path / "r2").exists()
     res = _cli("ppo", *tiny_args(data, tmp_path / "r3", "reward.sources=sentimnet"), cwd=tmp_path)
     assert res.returncode == 2 and "reward.sources[0]" in res.stderr and not (tmp_path / "r3").exists()
+
+
+def test_ppo_torchrun_two_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    data = make_prompts(tmp_path / "prompts.jsonl", n=16)
+    out = tmp_path / "ddp"
+    res = _cli("ppo", *tiny_args(data, out, "train.max_steps=3", "train.batch_size=4", "ppo.reward_norm=running",
+                                 "train.save_every=2"), cwd=tmp_path, torchrun=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    scores = _metric(out, "objective/scores")
+    assert sorted(scores) == [1, 2, 3]  # rank 0 logs once per step
+    assert sorted(_metric(out, "eval/score")) == [0, 3]
+    assert (out / "model" / "model.safetensors").is_file()
+    state = json.loads((out / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["reward_moments"]["count"] == 2 * 2 * 4  # both ranks' scores, two steps

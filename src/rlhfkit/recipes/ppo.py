@@ -91,6 +91,7 @@ class RolloutConfig:
     top_p: float = opt(1.0, "nucleus sampling threshold; 1.0 = off (same caveat as top_k)", gt=0.0, le=1.0)
     samples_per_prompt: int = opt(1, "completions per prompt (k); rloo and grpo need k >= 2", gt=0)
     batch_size: int = opt(0, "prompts per generation batch; 0 = the whole rollout batch at once", ge=0)
+    ignore_eos: bool = opt(False, "never stop at EOS: every completion uses max_new_tokens (benchmarks)")
 
 
 @dataclass
@@ -480,7 +481,7 @@ def _train(cfg: PPOConfig, resume: str | None, device: torch.device, info: DistI
                  f"{len(eval_prompts)} eval prompts; {cfg.train.batch_size} prompts x {k} completions per step"
                  f"{' per process' if info.enabled else ''}; advantage={p.advantage}; reward = "
                  + " + ".join(f"{s.weight:g}*{s.name}" for s in sources))
-    eos_ids = _eos_ids(tokenizer, unwrap(policy))
+    eos_ids = [-1] if cfg.rollout.ignore_eos else _eos_ids(tokenizer, unwrap(policy))  # -1: no token matches
     gen = partial(sample, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids, max_new_tokens=cfg.rollout.max_new_tokens,
                   temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
                   batch_size=cfg.rollout.batch_size * k)
