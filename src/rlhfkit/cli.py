@@ -31,6 +31,9 @@ app.add_typer(models_app, name="models")
 feedback_app = typer.Typer(help="Produce preference data (simulated annotators).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(feedback_app, name="feedback")
+gym_app = typer.Typer(help="Control tasks: PPO (one or many processes), multi-agent PPO, DQN on gymnasium/PettingZoo.",
+                      no_args_is_help=True)
+app.add_typer(gym_app, name="gym")
 
 RECIPE_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config file.", show_default=False)
@@ -121,6 +124,64 @@ def ppo(
 
     cfg = _load(PPOConfig, config, list(ctx.args), print_config)
     train(cfg, resume=resume)
+
+
+@gym_app.command("ppo", context_settings=RECIPE_CONTEXT)
+def gym_ppo(
+    ctx: typer.Context,
+    config: Optional[Path] = CONFIG_OPT,
+    print_config: bool = PRINT_OPT,
+    resume: Optional[str] = RESUME_OPT,
+) -> None:
+    """PPO on a gymnasium environment (discrete or Box actions); under torchrun, DD-PPO across processes."""
+    from rlhfkit.gym.ppo import GymPPOConfig, train
+
+    cfg = _load(GymPPOConfig, config, list(ctx.args), print_config)
+    train(cfg, resume=resume)
+
+
+@gym_app.command("dqn", context_settings=RECIPE_CONTEXT)
+def gym_dqn(
+    ctx: typer.Context,
+    config: Optional[Path] = CONFIG_OPT,
+    print_config: bool = PRINT_OPT,
+    resume: Optional[str] = RESUME_OPT,
+) -> None:
+    """DQN (optionally Double DQN) on a discrete-action gymnasium environment."""
+    from rlhfkit.gym.dqn import GymDQNConfig, train
+
+    cfg = _load(GymDQNConfig, config, list(ctx.args), print_config)
+    train(cfg, resume=resume)
+
+
+@gym_app.command("mappo", context_settings=RECIPE_CONTEXT)
+def gym_mappo(
+    ctx: typer.Context,
+    config: Optional[Path] = CONFIG_OPT,
+    print_config: bool = PRINT_OPT,
+    resume: Optional[str] = RESUME_OPT,
+) -> None:
+    """Multi-agent PPO on a PettingZoo parallel environment (shared policy; centralized or independent critic)."""
+    from rlhfkit.gym.mappo import GymMAPPOConfig, train
+
+    cfg = _load(GymMAPPOConfig, config, list(ctx.args), print_config)
+    train(cfg, resume=resume)
+
+
+@gym_app.command("eval")
+def gym_eval(
+    agent: str = typer.Argument(..., help="An agent folder (RUN/agent) or a checkpoint folder (RUN/checkpoints/step-N)."),
+    episodes: int = typer.Option(20, "--episodes", min=1),
+    seed: int = typer.Option(12345, "--seed"),
+    gif: str = typer.Option("", "--gif", help="Save the first episode as an animated GIF here."),
+    stochastic: bool = typer.Option(False, "--stochastic", help="Sample actions instead of the deterministic policy."),
+) -> None:
+    """Run a saved PPO or DQN agent for N episodes and print the mean return."""
+    from rlhfkit.gym.evaluate import evaluate_saved
+
+    m = evaluate_saved(agent, episodes=episodes, seed=seed, gif=gif, deterministic=not stochastic)
+    typer.echo(f"mean return {m['eval/return']:.2f} +- {m['eval/return_std']:.2f} over {episodes} episodes "
+               f"(min {m['eval/min_return']:.2f}, mean length {m['eval/length']:.1f})" + (f"; GIF: {gif}" if gif else ""))
 
 
 @app.command("reward-score", hidden=True)

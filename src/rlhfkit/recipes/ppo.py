@@ -66,7 +66,7 @@ from rlhfkit.rl.advantages import (
     whiten,
 )
 from rlhfkit.rl.kl import AdaptiveKLController, FixedKLController, kl_penalty
-from rlhfkit.rl.rewards import RewardSource, build_reward_sources, score_all
+from rlhfkit.rl.rewards import RewardSource, build_reward_sources, metric_names, score_all
 from rlhfkit.rollout.engine import Rollout, sample
 from rlhfkit.runtime.checkpoint import is_peft, load_model_weights, unwrap
 from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum, local_rank_from_env, print0, run_on_ranks
@@ -92,6 +92,14 @@ class RolloutConfig:
     samples_per_prompt: int = opt(1, "completions per prompt (k); rloo and grpo need k >= 2", gt=0)
     batch_size: int = opt(0, "prompts per generation batch; 0 = the whole rollout batch at once", ge=0)
     ignore_eos: bool = opt(False, "never stop at EOS: every completion uses max_new_tokens (benchmarks)")
+    engine: Literal["dynamic", "static"] = opt("dynamic", "dynamic: eager decode with a growing KV cache (any device); "
+                                                          "static: preallocated cache and fixed shapes (for CUDA graphs)")
+    compile: bool = opt(False, "engine=static: compile the decode step (CUDA: torch.compile reduce-overhead = CUDA "
+                               "graphs; one compile per batch shape)")
+
+    def validate(self) -> None:
+        if self.compile and self.engine != "static":
+            raise ConfigError("compile", "needs rollout.engine=static (fixed shapes)")
 
 
 @dataclass
@@ -179,6 +187,8 @@ class PPOConfig:
         if self.train.grad_accum != 1:
             raise ConfigError("train.grad_accum", "PPO does not use it; set ppo.mini_batch_size (completions per "
                                                   "update) and ppo.micro_batch_size (per forward) instead")
+        if self.lora.enabled and self.lora.dropout > 0:
+            raise ConfigError("lora.dropout", "must be 0 for PPO: the ratio pi/pi_old needs deterministic forwards")
         rollouts = self.train.batch_size * k
         if self.ppo.mini_batch_size > rollouts:
             raise ConfigError("ppo.mini_batch_size", f"{self.ppo.mini_batch_size} is larger than the rollout batch "
@@ -226,14 +236,16 @@ class PolicyAndValue(torch.nn.Module):
         return self.value_model is not None or self.value_head is not None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                response_len: int, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                response_len: int, with_values: bool = True, freeze_trunk_for_value: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         start = input_ids.size(1) - response_len - 1  # the position that predicts response token 0
         hidden = _trunk(self.policy)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                      use_cache=False).last_hidden_state[:, start:-1]
         logits = _lm_head(self.policy)(hidden)
         values = None
         if with_values and self.value_head is not None:
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+            h = hidden.detach() if freeze_trunk_for_value else hidden  # critic warm-up: the shared trunk stays put
+            values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
         elif with_values and self.value_model is not None:
             h = _trunk(self.value_model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                          use_cache=False).last_hidden_state[:, start:-1]
@@ -278,6 +290,19 @@ def _lm_head(model: torch.nn.Module) -> torch.nn.Module:
     return _base(model).get_output_embeddings()
 
 
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def check_plain_lm_head(model: torch.nn.Module, key: str) -> None:
+    """PPO computes logits as lm_head(hidden) on the response positions only; families whose causal-LM
+    forward rescales or soft-caps logits afterwards would then disagree with the sampler."""
+    config = _base(model).config
+    used = [k for k in _LOGIT_TRANSFORMS if getattr(config, k, None) not in (None, 1, 1.0)]
+    if used:
+        raise ConfigError(key, f"{type(_base(model)).__name__} post-processes its logits ({', '.join(used)}), which "
+                               "rlhfkit ppo does not reproduce yet; choose another model family")
+
+
 def build_value(cfg: PPOConfig, policy: torch.nn.Module, tokenizer: Any, device: torch.device
                 ) -> tuple[torch.nn.Module | None, torch.nn.Linear | None]:
     """The critic: a zero-initialized head on the policy trunk, or a separate network (from a reward
@@ -296,10 +321,17 @@ def build_value(cfg: PPOConfig, policy: torch.nn.Module, tokenizer: Any, device:
         if value_tok.get_vocab() != tokenizer.get_vocab():
             raise ConfigError("value.init", f"{spec} uses a different tokenizer than the policy; the critic reads the "
                                             "policy's tokens, so it must share its vocabulary")
+        for module in value.modules():  # dropout off, as in every model here (ratios and values must be deterministic)
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
         value.train()
     else:
         vcfg = ModelConfig(**{**cfg.model.__dict__, "name": spec})
         value = build_reward_model(vcfg, tokenizer, head_init="zeros", seed=cfg.seed, device=device)
+        rows = value.get_input_embeddings().weight.size(0)
+        if rows < len(tokenizer):
+            raise ConfigError("value.init", f"{spec} has {rows} token embeddings but the policy's tokenizer has "
+                                            f"{len(tokenizer)} tokens; the critic must share the policy's vocabulary")
     if cfg.lora.enabled:
         value = apply_lora(value, cfg.lora, task_type="SEQ_CLS")
     return value, None
@@ -365,9 +397,10 @@ def score_rollout(cfg: PPOConfig, model: PolicyAndValue, ref_model: torch.nn.Mod
         part = r.select(idx)
         targets = part.response_ids
         with autocast(device, amp):
-            if cfg.ppo.recompute_logprobs or model.has_value:
+            recompute = cfg.ppo.recompute_logprobs or amp is not None or model.has_value
+            if recompute:
                 logits, v = model(part.input_ids, part.attention_mask, part.position_ids, targets.size(1))
-                if cfg.ppo.recompute_logprobs:
+                if recompute:
                     old.append(selected_logprobs(logits, targets, temperature=temp, chunk_size=chunk))
                 if v is not None:
                     values.append(v)
@@ -456,6 +489,7 @@ def _train(cfg: PPOConfig, resume: str | None, device: torch.device, info: DistI
                                    batch_size=cfg.reward.batch_size, max_length=cfg.reward.max_length)
 
     policy = load_causal_lm(cfg.model, device, tokenizer)
+    check_plain_lm_head(policy, "model.name")
     ref_model = None if cfg.lora.enabled else copy.deepcopy(policy).eval().requires_grad_(False)
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora)
@@ -484,7 +518,7 @@ def _train(cfg: PPOConfig, resume: str | None, device: torch.device, info: DistI
     eos_ids = [-1] if cfg.rollout.ignore_eos else _eos_ids(tokenizer, unwrap(policy))  # -1: no token matches
     gen = partial(sample, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids, max_new_tokens=cfg.rollout.max_new_tokens,
                   temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
-                  batch_size=cfg.rollout.batch_size * k)
+                  batch_size=cfg.rollout.batch_size * k, engine=cfg.rollout.engine, compile=cfg.rollout.compile)
     ctx = _Context(cfg, model, ref_model, sources, tokenizer, gen, run.amp, info, device)
 
     first_eval = None
@@ -518,7 +552,8 @@ def _train(cfg: PPOConfig, resume: str | None, device: torch.device, info: DistI
         t_prep = time.perf_counter()
 
         critic_only = step <= cfg.value.warmup_steps and model.has_value
-        stats = ctx.optimize(ddp, batch, run, critic_only)
+        kl_coef_used = kl_ctl.value
+        stats = ctx.optimize(ddp, batch, run, critic_only, kl_coef_used)
         run.scheduler.step()
         t_train = time.perf_counter()
 
@@ -533,7 +568,7 @@ def _train(cfg: PPOConfig, resume: str | None, device: torch.device, info: DistI
         n = sums[4].item()
         metrics = {
             "objective/scores": sums[0].item() / n, "objective/rlhf_reward": sums[1].item() / n,
-            "objective/kl": mean_kl, "objective/kl_coef": kl_ctl.value,
+            "objective/kl": mean_kl, "objective/kl_coef": kl_coef_used,
             "response/length": sums[2].item() / n, "response/ended_with_eos": sums[3].item() / n,
             **{name: sums[5 + i].item() / n for i, name in enumerate(parts)},
             **stats,
@@ -610,7 +645,7 @@ class _Context:
             texts.append(self.tokenizer.decode(out_ids[-1], skip_special_tokens=True).strip())
         return texts, out_ids
 
-    def optimize(self, ddp: torch.nn.Module, b: Batch, run: Any, critic_only: bool) -> dict[str, float]:
+    def optimize(self, ddp: torch.nn.Module, b: Batch, run: Any, critic_only: bool, kl_coef: float) -> dict[str, float]:
         """`ppo.epochs` passes of minibatch updates; returns the averaged loss statistics."""
         cfg, p = self.cfg, self.cfg.ppo
         n = b.mask.size(0)
@@ -624,7 +659,7 @@ class _Context:
                 for j, idx in enumerate(micro):
                     sync = j == len(micro) - 1 or not self.info.enabled
                     with ddp.no_sync() if not sync else contextlib.nullcontext():
-                        loss, st = self._loss(ddp, b, idx, critic_only)
+                        loss, st = self._loss(ddp, b, idx, critic_only, kl_coef)
                         weight = b.mask[idx].sum() / mb_tokens
                         scaled = loss * weight
                         (run.scaler.scale(scaled) if run.scaler else scaled).backward()
@@ -638,22 +673,23 @@ class _Context:
             out["val/explained_variance"] = explained_variance(b.values, b.returns, b.mask)
         return all_reduce_mean(out, self.info)
 
-    def _loss(self, ddp: torch.nn.Module, b: Batch, idx: torch.Tensor, critic_only: bool
+    def _loss(self, ddp: torch.nn.Module, b: Batch, idx: torch.Tensor, critic_only: bool, kl_coef: float
               ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, p = self.cfg, self.cfg.ppo
         r = b.rollout.select(idx)
         mask = b.mask[idx]
         with autocast(self.device, self.amp):
-            logits, values = ddp(r.input_ids, r.attention_mask, r.position_ids, r.response_ids.size(1))
+            logits, values = ddp(r.input_ids, r.attention_mask, r.position_ids, r.response_ids.size(1),
+                                 freeze_trunk_for_value=critic_only)
         logps = selected_logprobs(logits, r.response_ids, temperature=cfg.rollout.temperature, chunk_size=p.logprob_chunk)
         pg_loss, pst = clipped_policy_loss(logps, b.old_logps[idx], b.advantages[idx], mask, clip_range=p.clip_range,
                                            clip_range_high=p.clip_range_high or None)
         stats = {"policy/loss": pg_loss.item(), "policy/clipfrac": pst["clipfrac"].item(),
                  "policy/approx_kl": pst["approx_kl"].item(), "policy/ratio": pst["ratio"].item()}
         loss = pg_loss
-        if p.kl_in == "loss" and p.kl_coef > 0:
+        if p.kl_in == "loss" and kl_coef > 0:
             kl_term = masked_mean(kl_penalty(logps, b.ref_logps[idx], p.kl_estimator, clamp=p.kl_clamp or None), mask)
-            loss = loss + p.kl_coef * kl_term
+            loss = loss + kl_coef * kl_term
             stats["policy/kl_loss"] = kl_term.item()
         if critic_only:
             loss = loss * 0.0  # keeps every parameter in the graph (DDP) while only the critic learns
@@ -675,26 +711,30 @@ class _Context:
         if not eval_prompts:
             return None
         mine = eval_prompts[self.info.rank :: self.info.world_size]
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.cfg.seed + 7919 * (self.info.rank + 1))
-            r = self.gen(unwrap(self.model.policy), [ex.ids for ex in mine])
-        texts, ids = self.decode(r)
-        scores, parts = score_all(self.sources, [ex.prompt for ex in mine], texts, ids)
-        mask = r.response_mask.float()
-        old, ref, _ = score_rollout(self.cfg, self.model, self.ref_model, r, self.amp)
-        kl = ((old - ref) * mask).sum()
-        sums = all_reduce_sum(torch.tensor([scores.sum().item(), kl.item(), mask.sum().item(), r.ended.float().sum().item(),
-                                            float(len(mine)), *(v * len(mine) for v in parts.values())],
-                                           dtype=torch.float64), self.info)
+        texts, scores_list, totals = [], [], [0.0] * (5 + len(self.sources))
+        if mine:  # a rank may hold no eval prompt; it still joins the all-reduce with zeros
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.cfg.seed + 7919 * (self.info.rank + 1))
+                r = self.gen(unwrap(self.model.policy), [ex.ids for ex in mine], batch_size=self.cfg.train.eval_batch_size)
+            texts, ids = self.decode(r)
+            scores, parts = score_all(self.sources, [ex.prompt for ex in mine], texts, ids)
+            mask = r.response_mask.float()
+            old, ref, _ = score_rollout(self.cfg, self.model, self.ref_model, r, self.amp)
+            kl = ((old - ref) * mask).sum()
+            scores_list = scores.tolist()
+            totals = [scores.sum().item(), kl.item(), mask.sum().item(), r.ended.float().sum().item(), float(len(mine)),
+                      *(v * len(mine) for v in parts.values())]
+        sums = all_reduce_sum(torch.tensor(totals, dtype=torch.float64), self.info)
+        names = metric_names(self.sources)
         n = max(sums[4].item(), 1.0)
         metrics = {"eval/score": sums[0].item() / n, "eval/kl_per_token": sums[1].item() / max(sums[2].item(), 1.0),
                    "eval/kl": sums[1].item() / n, "eval/length": sums[2].item() / n, "eval/ended_with_eos": sums[3].item() / n,
-                   **{f"eval/{name}": sums[5 + i].item() / n for i, name in enumerate(parts)}}
+                   **{f"eval/{name}": sums[5 + i].item() / n for i, name in enumerate(names)}}
         logger.log(step, metrics)
         print0(self.info, f"step {step}: eval score {metrics['eval/score']:+.4f}, KL {metrics['eval/kl_per_token']:.4f} "
                           f"nats/token, length {metrics['eval/length']:.1f}")
-        return EvalResult([ex.prompt for ex in mine], texts, scores.tolist(), metrics)
+        return EvalResult([ex.prompt for ex in mine], texts, scores_list, metrics)
 
 
 def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:

@@ -153,7 +153,7 @@ def score_all(sources: list[RewardSource], prompts: list[Any], completions: list
     """Weighted total (N,) float32 and each source's mean score (`score/NAME`)."""
     total = torch.zeros(len(completions), dtype=torch.float32)
     parts: dict[str, float] = {}
-    for src in sources:
+    for src, key in zip(sources, metric_names(sources)):
         extra = {"completion_ids": completion_ids} if src.wants_ids and completion_ids is not None else {}
         try:
             raw = src.score(list(prompts), list(completions), **extra)
@@ -163,7 +163,7 @@ def score_all(sources: list[RewardSource], prompts: list[Any], completions: list
             raise RlhfkitError(f"reward source '{src.name}' failed: {type(exc).__name__}: {exc}") from exc
         values = _check_scores(src.name, raw, len(completions))
         total += src.weight * values
-        parts[f"score/{_metric_name(src.name)}"] = values.mean().item() if len(values) else 0.0
+        parts[key] = values.mean().item() if len(values) else 0.0
     return total, parts
 
 
@@ -180,6 +180,17 @@ def _check_scores(name: str, raw: Any, n: int) -> torch.Tensor:
         raise RlhfkitError(f"reward source '{name}' returned a non-finite score for completion {bad[0]} "
                            f"({values[bad[0]].item()})")
     return values
+
+
+def metric_names(sources: list[RewardSource]) -> list[str]:
+    """`score/NAME` for each source, in order, made unique (`score/NAME_2`, ...)."""
+    out: list[str] = []
+    for src in sources:
+        key, n = f"score/{_metric_name(src.name)}", 2
+        while key in out:
+            key, n = f"score/{_metric_name(src.name)}_{n}", n + 1
+        out.append(key)
+    return out
 
 
 def _metric_name(name: str) -> str:

@@ -38,7 +38,8 @@ def init_distributed(device_type: str = "cpu") -> DistInfo:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        # On GPUs, NCCL for CUDA tensors and gloo for the small CPU tensors of metrics and statistics.
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))

@@ -1,0 +1,255 @@
+"""What the control-task recipes share: vector environments, running normalizers, episode bookkeeping,
+deterministic evaluation, and checkpoints of small torch agents.
+
+Environments use gymnasium's SAME_STEP autoreset: when a sub-environment's episode ends, `step` returns
+the first observation of the next episode and puts the real last observation in `info["final_obs"]`.
+Truncation (time limit) and termination are kept apart: a truncated step bootstraps from the value of
+that final observation; a terminated one does not (CleanRL's `ppo.py` ORs them; we don't).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhfkit.config import opt
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum
+
+
+@dataclass
+class EnvConfig:
+    id: str = opt("CartPole-v1", "gymnasium environment id (vector observations; discrete or Box actions)")
+    num_envs: int = opt(8, "environments per process", gt=0)
+    vector: Literal["sync", "async"] = opt("sync", "sync: all envs in this process; async: one subprocess each")
+    max_episode_steps: int = opt(0, "time limit per episode; 0 = the environment's own", ge=0)
+    kwargs: dict = opt({}, "extra keyword arguments for gymnasium.make")
+
+
+def make_env(cfg: EnvConfig, render_mode: str | None = None) -> gym.Env:
+    kwargs = dict(cfg.kwargs)
+    if cfg.max_episode_steps:
+        kwargs["max_episode_steps"] = cfg.max_episode_steps
+    if render_mode:
+        kwargs["render_mode"] = render_mode
+    try:
+        return gym.make(cfg.id, **kwargs)
+    except gym.error.Error as exc:
+        raise ConfigError("env.id", f"cannot make '{cfg.id}': {exc}") from None
+    except TypeError as exc:
+        raise ConfigError("env.kwargs", f"'{cfg.id}' rejected the arguments: {exc}") from None
+
+
+def make_vector_env(cfg: EnvConfig) -> gym.vector.VectorEnv:
+    check_spaces(make_env(cfg), cfg.id)
+    fns = [lambda: make_env(cfg) for _ in range(cfg.num_envs)]
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    if cfg.vector == "async":
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode)
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+
+
+def check_spaces(env: gym.Env, env_id: str) -> None:
+    obs, act = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
+        raise ConfigError("env.id", f"'{env_id}' has observation space {obs}; expected a flat Box (vector observations)")
+    if not isinstance(act, (gym.spaces.Discrete, gym.spaces.Box)) or (isinstance(act, gym.spaces.Box) and len(act.shape) != 1):
+        raise ConfigError("env.id", f"'{env_id}' has action space {act}; expected Discrete or a flat Box")
+
+
+# --------------------------------------------------------------------------------------------------
+# Running statistics
+
+
+class RunningMeanStd:
+    """Mean and variance of everything seen (Chan et al. parallel merge), float64; shared across
+    processes by merging every rank's batch statistics, so all ranks hold identical values."""
+
+    def __init__(self, shape: tuple[int, ...] = ()):
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = 1e-4
+
+    def update(self, x: np.ndarray, info: DistInfo | None = None) -> None:
+        x = np.asarray(x, np.float64).reshape(-1, *self.mean.shape)
+        n, total, sq = float(x.shape[0]), x.sum(0), (x**2).sum(0)
+        if info is not None and info.enabled:
+            packed = torch.from_numpy(np.concatenate([[n], total.ravel(), sq.ravel()]))
+            packed = all_reduce_sum(packed, info).numpy()
+            k = total.size
+            n, total, sq = float(packed[0]), packed[1 : 1 + k].reshape(total.shape), packed[1 + k :].reshape(sq.shape)
+        if n == 0:
+            return
+        batch_mean = total / n
+        batch_var = np.maximum(sq / n - batch_mean**2, 0.0)
+        delta = batch_mean - self.mean
+        tot = self.count + n
+        self.mean = self.mean + delta * n / tot
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / tot) / tot
+        self.count = tot
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.tolist(), "var": self.var.tolist(), "count": self.count}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.mean = np.asarray(d["mean"], np.float64).reshape(self.mean.shape)
+        self.var = np.asarray(d["var"], np.float64).reshape(self.var.shape)
+        self.count = float(d["count"])
+
+
+class ObsNormalizer:
+    """(obs - mean) / sqrt(var + eps), clipped; statistics updated from training observations only."""
+
+    def __init__(self, dim: int, enabled: bool, clip: float = 10.0):
+        self.enabled, self.clip = enabled, clip
+        self.rms = RunningMeanStd((dim,))
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        if not self.enabled:
+            return np.asarray(obs, np.float32)
+        return np.clip((obs - self.rms.mean) / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip).astype(np.float32)
+
+    def update(self, obs: np.ndarray, info: DistInfo) -> None:
+        if self.enabled:
+            self.rms.update(obs, info)
+
+
+class RewardScaler:
+    """Divide rewards by the running std of the discounted return (as SB3's VecNormalize), then clip."""
+
+    def __init__(self, num_envs: int, gamma: float, enabled: bool, clip: float = 10.0):
+        self.enabled, self.gamma, self.clip = enabled, gamma, clip
+        self.rms = RunningMeanStd(())
+        self.ret = np.zeros(num_envs, np.float64)
+
+    def __call__(self, reward: np.ndarray, episode_end: np.ndarray, info: DistInfo) -> np.ndarray:
+        if not self.enabled:
+            return reward.astype(np.float32)
+        self.ret = self.ret * self.gamma + reward
+        self.rms.update(self.ret, info)
+        out = np.clip(reward / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip)
+        self.ret[episode_end] = 0.0
+        return out.astype(np.float32)
+
+
+class EpisodeTracker:
+    """Undiscounted return and length of every finished training episode (raw rewards)."""
+
+    def __init__(self, num_envs: int):
+        self.ret = np.zeros(num_envs)
+        self.len = np.zeros(num_envs, np.int64)
+        self.finished: list[tuple[float, int]] = []
+
+    def step(self, reward: np.ndarray, episode_end: np.ndarray) -> None:
+        self.ret += reward
+        self.len += 1
+        for i in np.flatnonzero(episode_end):
+            self.finished.append((float(self.ret[i]), int(self.len[i])))
+            self.ret[i], self.len[i] = 0.0, 0
+
+    def reset(self) -> None:
+        self.ret[:] = 0.0
+        self.len[:] = 0
+
+    def drain(self, info: DistInfo) -> dict[str, float]:
+        """Mean return/length of episodes finished since the last call, over all processes."""
+        done = self.finished
+        self.finished = []
+        sums = all_reduce_sum(torch.tensor([len(done), sum(r for r, _ in done), sum(n for _, n in done)],
+                                            dtype=torch.float64), info)
+        if sums[0] == 0:
+            return {}
+        return {"episode/return": (sums[1] / sums[0]).item(), "episode/length": (sums[2] / sums[0]).item(),
+                "episode/count": sums[0].item()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate_policy(act: Any, env_cfg: EnvConfig, *, episodes: int, seed: int, normalize: Any = None,
+                    record: str = "") -> dict[str, float]:
+    """Run `episodes` full episodes with `act(obs_batch) -> actions` (deterministic policy) on one env,
+    seeded seed, seed+1, ...; optionally save the first episode as a GIF (`record` = path)."""
+    env = make_env(env_cfg, render_mode="rgb_array" if record else None)
+    returns, lengths, frames = [], [], []
+    for k in range(episodes):
+        obs, _ = env.reset(seed=seed + k)
+        total, n, done = 0.0, 0, False
+        while not done:
+            if record and k == 0:
+                frames.append(env.render())
+            x = normalize(obs[None]) if normalize is not None else np.asarray(obs[None], np.float32)
+            action = act(x)[0]
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, n, done = total + float(reward), n + 1, terminated or truncated
+        returns.append(total)
+        lengths.append(n)
+    env.close()
+    if record and frames:
+        save_gif(frames, Path(record))
+    return {"eval/return": float(np.mean(returns)), "eval/return_std": float(np.std(returns)),
+            "eval/length": float(np.mean(lengths)), "eval/min_return": float(np.min(returns))}
+
+
+def save_gif(frames: list[np.ndarray], path: Path, fps: int = 30) -> None:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise RlhfkitError("saving a GIF needs Pillow (pip install pillow)") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(f) for f in frames if f is not None]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Agents on disk
+
+
+class SavableAgent(torch.nn.Module):
+    """A torch agent that writes `model.safetensors` + `agent.json` (enough to rebuild it), so the
+    run-folder checkpoint code of the language-model recipes works for it unchanged."""
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+        (folder / "agent.json").write_text(json.dumps(self.spec(), indent=2))
+
+    def load_checkpoint_weights(self, folder: Path) -> None:
+        weights = load_file(str(Path(folder) / "model.safetensors"))
+        missing, unexpected = self.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise RlhfkitError(f"agent weights in {folder} do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def layer_init(layer: torch.nn.Linear, gain: float, ortho: bool) -> torch.nn.Linear:
+    """Orthogonal weights with `gain`, zero bias (CleanRL / SB3 defaults for PPO)."""
+    if ortho:
+        torch.nn.init.orthogonal_(layer.weight, gain)
+        torch.nn.init.zeros_(layer.bias)
+    return layer
+
+
+def mlp(sizes: list[int], activation: str, out_gain: float, ortho: bool) -> torch.nn.Sequential:
+    act = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[activation]
+    layers: list[torch.nn.Module] = []
+    for i in range(len(sizes) - 1):
+        last = i == len(sizes) - 2
+        layers.append(layer_init(torch.nn.Linear(sizes[i], sizes[i + 1]), out_gain if last else math.sqrt(2), ortho))
+        if not last:
+            layers.append(act())
+    return torch.nn.Sequential(*layers)

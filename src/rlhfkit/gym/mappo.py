@@ -1,0 +1,568 @@
+"""`rlhfkit gym mappo`: MAPPO and independent PPO (IPPO) on PettingZoo parallel environments, one process
+or many under torchrun (each rank runs its own environments; gradients are averaged every minibatch).
+
+The environment is `env.id` = "module:function" returning a PettingZoo ParallelEnv (for example
+"mpe2.simple_spread_v3:parallel_env") called with `env.kwargs`; `env.num_envs` copies are stepped in a
+Python loop and restarted by hand when all their agents are done.
+
+- One policy shared by all agents (homogeneous agents: equal observation spaces, one Discrete action
+  space). Its input is the agent's local observation, plus a one-hot agent id (`mappo.agent_id_feature`).
+- `mappo.critic=centralized` (MAPPO, Yu et al. 2022): one value network, shared by the agents, of the
+  global state -- `env.state()` when the environment provides it, else the concatenation of all agents'
+  observations in `possible_agents` order -- plus the one-hot agent id, so each agent gets its own value
+  of the same state. `mappo.critic=independent` (IPPO): each agent's value of its own actor input.
+- `mappo.value_norm` (default on): the value network predicts returns normalized by a running mean/std
+  of the GAE returns (`RunningMeanStd`, merged over ranks, updated once per rollout); its outputs are
+  denormalized for GAE. The statistics travel with checkpoints and the saved agent.
+- GAE per agent (`rlhfkit.rl.advantages.gae`, time-major over (env, agent) columns): a truncated agent
+  (e.g. `max_cycles` reached) bootstraps from the value of its real final observation/state, a
+  terminated one does not. Then `ppo.py`'s update: clipped surrogate, optional value clipping, entropy
+  bonus, per-minibatch advantage normalization, global grad-norm clip, gradient averaging over ranks.
+
+Counting and metrics:
+- An environment step is one `step()` of one environment copy, counted once for all its agents:
+  `total_steps`, `env_steps`, `time/sps` count these; each holds `n_agents` training samples.
+- `episode/return` and `eval/return` are TEAM returns: the undiscounted sum over agents of each agent's
+  episode reward, averaged over episodes (simple_spread with N=3 therefore reports 3x the mean per-agent
+  return). `episode/length` is in environment steps. `eval/*` uses the deterministic (argmax) policy on
+  `eval.episodes` episodes seeded seed+100000, seed+100001, ...
+- Agents that leave before the others (some but not all done) are not supported: a clear error is raised.
+
+Exact resume: as in `ppo.py`, every environment restarts its episodes at each checkpoint with a seed of
+(seed, rank, update), so a resumed run continues the uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from rlhfkit.config import opt, section
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.gym.common import EpisodeTracker, RunningMeanStd, SavableAgent, mlp
+from rlhfkit.gym.ppo import Batch, GymEvalConfig, _optimize, _save
+from rlhfkit.losses.ppo import explained_variance
+from rlhfkit.rl.advantages import gae
+from rlhfkit.runtime.checkpoint import find_checkpoint, load_checkpoint
+from rlhfkit.runtime.distributed import DistInfo, barrier, broadcast_object, print0, run_on_ranks
+from rlhfkit.runtime.loop import prepare_run_dir
+from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
+from rlhfkit.runtime.seeding import seed_everything, set_rng_state
+
+
+@dataclass
+class ParallelEnvConfig:
+    id: str = opt("mpe2.simple_spread_v3:parallel_env",
+                  "PettingZoo parallel environment as 'module:function' (the function returns a ParallelEnv)")
+    num_envs: int = opt(8, "environment copies per process, stepped in a Python loop", gt=0)
+    kwargs: dict = opt({"N": 3, "max_cycles": 25, "continuous_actions": False},
+                       "keyword arguments for the environment function")
+
+
+@dataclass
+class MANetConfig:
+    hidden: list[int] = opt([64, 64], "hidden layer sizes of the policy and value MLPs")
+    activation: Literal["tanh", "relu"] = opt("tanh", "hidden activation")
+    ortho_init: bool = opt(True, "orthogonal init: gain sqrt(2) hidden, 0.01 policy head, 1.0 value head")
+
+
+@dataclass
+class GymMAPPOAlgo:
+    critic: Literal["centralized", "independent"] = opt(
+        "centralized", "centralized: value of the global state + agent id (MAPPO); independent: of the local observation (IPPO)")
+    agent_id_feature: bool = opt(True, "append a one-hot agent id to the policy and value inputs")
+    value_norm: bool = opt(True, "value net predicts returns normalized by their running mean/std")
+    total_steps: int = opt(300_000, "environment steps over all envs and processes (one step = all agents act once)", gt=0)
+    n_steps: int = opt(100, "steps per environment per update", gt=0)
+    epochs: int = opt(10, "passes over each rollout", gt=0)
+    minibatches: int = opt(1, "minibatches per pass (the rollout holds num_envs * n_steps * n_agents samples)", gt=0)
+    lr: float = opt(7e-4, "Adam learning rate", gt=0.0)
+    anneal_lr: bool = opt(True, "decay the learning rate linearly to 0 over the run")
+    adam_eps: float = opt(1e-5, "Adam epsilon", gt=0.0)
+    gamma: float = opt(0.99, "discount", ge=0.0, le=1.0)
+    lam: float = opt(0.95, "GAE lambda", ge=0.0, le=1.0)
+    clip_range: float = opt(0.2, "ratio clipping epsilon", gt=0.0)
+    clip_range_vf: float = opt(0.0, "value clipping around the rollout values (normalized units); 0 = off", ge=0.0)
+    ent_coef: float = opt(0.01, "entropy bonus weight", ge=0.0)
+    vf_coef: float = opt(0.5, "value-loss weight", ge=0.0)
+    max_grad_norm: float = opt(10.0, "global gradient-norm clip; 0 = off", ge=0.0)
+    norm_adv: bool = opt(True, "normalize advantages per minibatch")
+    target_kl: float = opt(0.0, "stop the epochs of an update once approx KL exceeds this; 0 = never", ge=0.0)
+
+
+@dataclass
+class GymMAPPOConfig:
+    output_dir: str = opt("runs/gym-mappo", "run folder: config, metrics, checkpoints, agent")
+    overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
+    seed: int = opt(1, "seed for the networks, the environments and sampling")
+    device: str = opt("cpu", "cpu or cuda (small MLPs are fastest on cpu)")
+    threads: int = opt(1, "torch CPU threads (small networks: 1 is fastest)", gt=0)
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(True, "write TensorBoard logs")
+    log_every: int = opt(1, "log metrics every N updates", gt=0)
+    save_every: int = opt(0, "checkpoint every N updates (environments restart their episodes there); 0 = end only", ge=0)
+    save_total_limit: int = opt(2, "checkpoints to keep; 0 = all", ge=0)
+    env: ParallelEnvConfig = section(ParallelEnvConfig, "PettingZoo parallel environment")
+    net: MANetConfig = section(MANetConfig, "networks")
+    mappo: GymMAPPOAlgo = section(GymMAPPOAlgo, "MAPPO / IPPO")
+    eval: GymEvalConfig = section(GymEvalConfig, "evaluation (deterministic policy, team return)")
+
+    def validate(self) -> None:
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir", "expected a folder path for the run")
+        if ":" not in self.env.id:
+            raise ConfigError("env.id", f"expected 'module:function' (e.g. mpe2.simple_spread_v3:parallel_env), got '{self.env.id}'")
+        batch = self.env.num_envs * self.mappo.n_steps
+        if self.mappo.minibatches > batch:
+            raise ConfigError("mappo.minibatches", f"{self.mappo.minibatches} minibatches for a rollout of {batch} steps")
+
+
+# --------------------------------------------------------------------------------------------------
+# Environments
+
+
+def make_parallel_env(cfg: ParallelEnvConfig) -> Any:
+    """Call `module:function` with env.kwargs; errors name the config key at fault."""
+    module_name, _, fn_name = cfg.id.partition(":")
+    if not module_name or not fn_name:
+        raise ConfigError("env.id", f"expected 'module:function' (e.g. mpe2.simple_spread_v3:parallel_env), got '{cfg.id}'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError("env.id", f"cannot import module '{module_name}' of '{cfg.id}': {exc}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ConfigError("env.id", f"module '{module_name}' has no function '{fn_name}'")
+    try:
+        env = fn(**dict(cfg.kwargs))
+    except TypeError as exc:
+        raise ConfigError("env.kwargs", f"'{cfg.id}' rejected the arguments {dict(cfg.kwargs)}: {exc}") from None
+    if hasattr(env, "agent_iter") or not all(hasattr(env, a) for a in ("possible_agents", "reset", "step", "observation_space")):
+        raise ConfigError("env.id", f"'{cfg.id}' returned {type(env).__name__}, not a PettingZoo ParallelEnv "
+                                    "(use the module's parallel_env function, not env/raw_env)")
+    return env
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    agents: tuple[str, ...]
+    obs_dim: int
+    n_actions: int
+    state_dim: int
+    has_state: bool  # env.state() works; else the global state is the agents' observations concatenated
+
+
+def inspect_env(env: Any, env_id: str) -> EnvSpec:
+    """Check that the agents are homogeneous with flat Box observations and one Discrete action space."""
+    agents = tuple(env.possible_agents)
+    if not agents:
+        raise ConfigError("env.id", f"'{env_id}' has no agents")
+    obs_spaces = [env.observation_space(a) for a in agents]
+    act_spaces = [env.action_space(a) for a in agents]
+    first_obs, first_act = obs_spaces[0], act_spaces[0]
+    if not isinstance(first_obs, gym.spaces.Box) or len(first_obs.shape) != 1:
+        raise ConfigError("env.id", f"'{env_id}' has observation space {first_obs}; expected a flat Box")
+    if isinstance(first_act, gym.spaces.Box):
+        raise ConfigError("env.id", f"'{env_id}' has continuous (Box) actions {first_act}; the MAPPO recipe needs "
+                                    "Discrete actions (for MPE pass env.kwargs.continuous_actions=false)")
+    if not isinstance(first_act, gym.spaces.Discrete) or int(first_act.start) != 0:
+        raise ConfigError("env.id", f"'{env_id}' has action space {first_act}; expected Discrete(n) starting at 0")
+    for name, o, a in zip(agents, obs_spaces, act_spaces):
+        if o.shape != first_obs.shape or a != first_act:
+            raise ConfigError("env.id", f"'{env_id}' has heterogeneous agents ({agents[0]}: {first_obs}, {first_act}; "
+                                        f"{name}: {o}, {a}); one shared policy needs equal observation and action "
+                                        "spaces for all agents")
+    obs_dim = int(first_obs.shape[0])
+    env.reset(seed=0)
+    try:
+        state = np.asarray(env.state(), np.float32).reshape(-1)
+        has_state, state_dim = True, int(state.size)
+    except (NotImplementedError, AttributeError):
+        has_state, state_dim = False, obs_dim * len(agents)
+    return EnvSpec(agents, obs_dim, int(first_act.n), state_dim, has_state)
+
+
+class Features:
+    """Network inputs from observations (..., N, obs_dim) and global states (..., state_dim).
+
+    actor:  [local observation | one-hot agent id]
+    critic: centralized -> [global state | one-hot agent id]; independent -> the actor input.
+    (The one-hot part is present only with agent_id_feature=true.)
+    """
+
+    def __init__(self, spec: EnvSpec, critic: str, agent_id: bool):
+        self.spec, self.critic, self.agent_id = spec, critic, agent_id
+        n = len(spec.agents)
+        self.eye = np.eye(n, dtype=np.float32)
+        self.actor_dim = spec.obs_dim + (n if agent_id else 0)
+        self.critic_dim = (spec.state_dim + (n if agent_id else 0)) if critic == "centralized" else self.actor_dim
+
+    def _with_id(self, x: np.ndarray) -> np.ndarray:
+        if not self.agent_id:
+            return x.astype(np.float32, copy=False)
+        eye = np.broadcast_to(self.eye, (*x.shape[:-2], *self.eye.shape))
+        return np.concatenate([x, eye], -1).astype(np.float32, copy=False)
+
+    def actor(self, obs: np.ndarray) -> np.ndarray:
+        return self._with_id(obs)
+
+    def packed(self, obs: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """[actor input | critic input] per agent: (..., N, actor_dim + critic_dim)."""
+        a = self.actor(obs)
+        if self.critic == "independent":
+            return np.concatenate([a, a], -1)
+        n = len(self.spec.agents)
+        s = np.broadcast_to(state[..., None, :], (*state.shape[:-1], n, state.shape[-1]))
+        return np.concatenate([a, self._with_id(s)], -1)
+
+
+def stack_obs(obs: dict[str, Any], spec: EnvSpec) -> np.ndarray:
+    missing = [a for a in spec.agents if a not in obs]
+    if missing:
+        raise RlhfkitError(f"the environment returned no observation for {missing}; agents that leave before the "
+                           "episode ends are not supported by the MAPPO recipe")
+    return np.stack([np.asarray(obs[a], np.float32).reshape(-1) for a in spec.agents])
+
+
+def global_state(env: Any, obs: np.ndarray, spec: EnvSpec) -> np.ndarray:
+    return np.asarray(env.state(), np.float32).reshape(-1) if spec.has_state else obs.reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Agent and value normalization
+
+
+class MAActorCritic(SavableAgent):
+    """Shared categorical policy on the actor input and a value MLP on the critic input.
+
+    `forward`, `sample`, `log_prob`, `entropy` follow `ppo.ActorCritic`, so `ppo._optimize` trains it
+    unchanged: its input is the packed [actor input | critic input] of each sample."""
+
+    def __init__(self, actor_dim: int, critic_dim: int, n_actions: int, n_agents: int, critic: str,
+                 net: dict[str, Any]):
+        super().__init__()
+        self.actor_dim, self.critic_dim, self.n_actions = actor_dim, critic_dim, n_actions
+        self.action_dim, self.n_agents, self.critic_mode, self.net = n_actions, n_agents, critic, dict(net)
+        hidden, act, ortho = list(net["hidden"]), net["activation"], net["ortho_init"]
+        self.actor = mlp([actor_dim, *hidden, n_actions], act, 0.01, ortho)
+        self.critic = mlp([critic_dim, *hidden, 1], act, 1.0, ortho)
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "mappo", "actor_dim": self.actor_dim, "critic_dim": self.critic_dim,
+                "n_actions": self.n_actions, "n_agents": self.n_agents, "critic": self.critic_mode, "net": self.net}
+
+    def policy(self, actor_x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.actor(actor_x), dim=-1)
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        """Value head output (normalized units under value_norm) of packed inputs."""
+        return self.critic(x[..., self.actor_dim:]).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.policy(x[..., : self.actor_dim]), self.value(x)
+
+    def sample(self, out: torch.Tensor) -> torch.Tensor:
+        flat = out.reshape(-1, out.shape[-1])
+        return torch.multinomial(flat.exp(), 1).reshape(out.shape[:-1])
+
+    def log_prob(self, out: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return out.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
+
+    def entropy(self, out: torch.Tensor) -> torch.Tensor:
+        return -(out.exp() * out).sum(-1)
+
+    @torch.no_grad()
+    def act(self, actor_x: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        out = self.policy(torch.as_tensor(actor_x, dtype=torch.float32, device=next(self.parameters()).device))
+        return (out.argmax(-1) if deterministic else self.sample(out)).cpu().numpy()
+
+
+def load_agent(folder: str | Path) -> MAActorCritic:
+    """Rebuild a saved agent (`output_dir/agent` or a checkpoint's `model/`)."""
+    folder = Path(folder)
+    s = json.loads((folder / "agent.json").read_text())
+    if s.get("type") != "mappo":
+        raise RlhfkitError(f"{folder} holds a '{s.get('type')}' agent, not a MAPPO one")
+    agent = MAActorCritic(s["actor_dim"], s["critic_dim"], s["n_actions"], s["n_agents"], s["critic"], s["net"])
+    agent.load_checkpoint_weights(folder)
+    return agent
+
+
+class ValueNormalizer:
+    """Running mean/std of value targets (returns): the critic learns (R - mean) / std; its outputs are
+    mapped back with `denormalize` for GAE. Disabled: both maps are the identity."""
+
+    def __init__(self, enabled: bool, eps: float = 1e-8):
+        self.enabled, self.eps = enabled, eps
+        self.rms = RunningMeanStd(())
+
+    def _std(self) -> float:
+        return float(np.sqrt(self.rms.var + self.eps))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return ((x.double() - float(self.rms.mean)) / self._std()).to(x.dtype)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return (x.double() * self._std() + float(self.rms.mean)).to(x.dtype)
+
+    def update(self, returns: torch.Tensor, info: DistInfo | None = None) -> None:
+        if self.enabled:
+            self.rms.update(returns.detach().cpu().double().numpy().reshape(-1), info)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, **self.rms.state_dict()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.rms.load_state_dict(d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg: GymMAPPOConfig, resume: str | None = None) -> Path:
+    """Train; returns the folder of the final agent (`output_dir/agent`)."""
+    return run_on_ranks(lambda info: _train(cfg, resume, info), torch.device(cfg.device))
+
+
+class _Run:
+    """The environment copies and their current observations (restarted at checkpoints)."""
+
+    def __init__(self, cfg: GymMAPPOConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.envs = [make_parallel_env(cfg.env) for _ in range(cfg.env.num_envs)]
+        self.spec = inspect_env(self.envs[0], cfg.env.id)
+        self.features = Features(self.spec, cfg.mappo.critic, cfg.mappo.agent_id_feature)
+        n = len(self.spec.agents)
+        self.obs = np.zeros((cfg.env.num_envs, n, self.spec.obs_dim), np.float32)
+        self.state = np.zeros((cfg.env.num_envs, self.spec.state_dim), np.float32)
+        self.episodes = EpisodeTracker(cfg.env.num_envs)
+
+    def reset_env(self, i: int, seed: int | None = None) -> None:
+        env = self.envs[i]
+        raw, _ = env.reset(seed=seed)
+        if set(env.agents) != set(self.spec.agents):
+            raise RlhfkitError(f"'{self.cfg.env.id}' started an episode with agents {list(env.agents)}, not all of "
+                               f"{list(self.spec.agents)}; the MAPPO recipe needs every agent in every episode")
+        self.obs[i] = stack_obs(raw, self.spec)
+        self.state[i] = global_state(env, self.obs[i], self.spec)
+
+    def restart(self, update: int) -> None:
+        """Fresh episodes in every env, seeded by (seed, rank, update): a resumed run restarts here too."""
+        seed = self.cfg.seed * 1_000_003 + self.info.rank * 10_007 + update
+        for i in range(len(self.envs)):
+            self.reset_env(i, seed * 64 + i)
+        self.episodes.reset()
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def _train(cfg: GymMAPPOConfig, resume: str | None, info: DistInfo) -> Path:
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    seed_everything(cfg.seed)  # identical network init on every rank
+    run = _Run(cfg, info)
+    f, p = run.features, cfg.mappo
+    agent = MAActorCritic(f.actor_dim, f.critic_dim, run.spec.n_actions, len(run.spec.agents), p.critic,
+                          dict(cfg.net.__dict__)).to(device)
+    vnorm = ValueNormalizer(p.value_norm)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=p.lr, eps=p.adam_eps)
+    per_update = cfg.env.num_envs * p.n_steps * info.world_size
+    updates = max(1, p.total_steps // per_update)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: max(0.0, 1.0 - u / updates) if p.anneal_lr else 1.0)
+    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
+    seed_everything(cfg.seed + 7919 * info.rank)  # sampling differs per rank
+    start, state = 0, {}
+    if resume is not None:
+        folder = find_checkpoint(run_dir, resume)
+        ckpt = load_checkpoint(folder)
+        agent.load_checkpoint_weights(folder / "model")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        vnorm.load_state_dict(ckpt["value_norm"])
+        start, state = ckpt["step"], ckpt
+        print0(info, f"resumed from {folder} at update {start}/{updates}")
+    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
+                           resume_step=start if resume is not None else None)
+    print0(info, f"{cfg.env.id}: {len(run.spec.agents)} agents, {p.critic} critic (input {f.critic_dim}), "
+                 f"{cfg.env.num_envs} envs x {info.world_size} process(es), {updates} updates of {per_update} steps, "
+                 f"{sum(x.numel() for x in agent.parameters()):,} parameters")
+    run.restart(start)
+    bar = ProgressBar(updates, enabled=cfg.progress and info.is_main, start=start, description=cfg.env.id)
+    train_seconds = float(state.get("train_seconds", 0.0))
+    reached = state.get("reached_target")
+    every = cfg.eval.every
+    last_eval = start * per_update // every if every else -1
+    for update in range(start + 1, updates + 1):
+        t0 = time.perf_counter()
+        batch, stats = _collect(run, agent, vnorm, device)
+        stats.update(_optimize(agent, optimizer, batch, p, info))  # type: ignore[arg-type]
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        elapsed = time.perf_counter() - t0
+        train_seconds += elapsed
+        steps = update * per_update
+        stats.update(run.episodes.drain(info))
+        stats.update({"train/lr": lr, "time/sps": per_update / elapsed, "time/train_seconds": train_seconds,
+                      "env_steps": float(steps)})
+        if update % cfg.log_every == 0 or update == updates:
+            logger.log(update, stats)
+        bar.update(1, per_update, elapsed, f"return {stats.get('episode/return', float('nan')):.1f}")
+        due = every and steps // every > last_eval
+        if due or update == updates:
+            last_eval = steps // every if every else last_eval
+            m = _evaluate(cfg, agent, run, info)
+            logger.log(update, {**m, "env_steps": float(steps), "time/train_seconds": train_seconds})
+            if cfg.eval.target_return is not None and reached is None and m["eval/return"] >= cfg.eval.target_return:
+                reached = {"env_steps": steps, "train_seconds": train_seconds, "update": update}
+                print0(info, f"reached eval return {m['eval/return']:.2f} >= {cfg.eval.target_return} after {steps} "
+                             f"steps, {train_seconds:.1f} s of training")
+                logger.log(update, {"eval/target_reached_steps": float(steps), "eval/target_reached_seconds": train_seconds})
+        stop = reached is not None and cfg.eval.stop_at_target
+        if (cfg.save_every and update % cfg.save_every == 0) or update == updates or stop:
+            extra = {"value_norm": vnorm.state_dict(), "train_seconds": train_seconds, "reached_target": reached}
+            _save(run_dir, update, agent, optimizer, scheduler, extra, cfg.save_total_limit, info)
+            if update != updates:
+                run.restart(update)
+        if stop:
+            break
+    bar.close()
+    logger.close()
+    run.close()
+    out = run_dir / "agent"
+    if info.is_main:
+        agent.save_pretrained(str(out))
+        (out / "value_norm.json").write_text(json.dumps(
+            {**vnorm.state_dict(), "agents": list(run.spec.agents), "agent_id_feature": p.agent_id_feature,
+             "state_from": "env.state()" if run.spec.has_state else "concatenated observations",
+             "env": dict(cfg.env.__dict__)}, indent=2))
+        print(f"saved agent to {out}", flush=True)
+    barrier(info)
+    return out
+
+
+@torch.no_grad()
+def _collect(run: _Run, agent: MAActorCritic, vnorm: ValueNormalizer,
+             device: torch.device) -> tuple[Batch, dict[str, float]]:
+    """One rollout of n_steps x num_envs x n_agents samples; per-agent GAE with truncation bootstrapping."""
+    cfg, info, spec, feats = run.cfg, run.info, run.spec, run.features
+    T, E, N = cfg.mappo.n_steps, cfg.env.num_envs, len(spec.agents)
+    width = feats.actor_dim + feats.critic_dim
+    x_buf = torch.zeros((T, E, N, width))
+    act_buf = torch.zeros((T, E, N), dtype=torch.long)
+    logp_buf, val_buf, rew_buf = torch.zeros((T, E, N)), torch.zeros((T, E, N)), torch.zeros((T, E, N))
+    next_val, term_buf, end_buf = torch.zeros((T, E, N)), torch.zeros((T, E, N)), torch.zeros((T, E, N))
+    x = torch.as_tensor(feats.packed(run.obs, run.state))
+    for t in range(T):
+        out, value = agent(x.to(device))
+        action = agent.sample(out)
+        x_buf[t], act_buf[t] = x, action.cpu()
+        logp_buf[t], val_buf[t] = agent.log_prob(out, action).cpu(), value.cpu()
+        actions = action.cpu().numpy()
+        rewards = np.zeros((E, N))
+        terminated, truncated = np.zeros((E, N), bool), np.zeros((E, N), bool)
+        finals: list[tuple[int, np.ndarray]] = []
+        for i, env in enumerate(run.envs):
+            obs, rew, term, trunc, _ = env.step({a: int(actions[i, j]) for j, a in enumerate(spec.agents)})
+            rewards[i] = [float(rew.get(a, 0.0)) for a in spec.agents]
+            terminated[i] = [bool(term.get(a, False)) for a in spec.agents]
+            truncated[i] = [bool(trunc.get(a, False)) for a in spec.agents]
+            done = terminated[i] | truncated[i]
+            if done.any() and not done.all() or (not done.any() and not env.agents):
+                raise RlhfkitError(f"'{cfg.env.id}': agents {[a for a, d in zip(spec.agents, done) if d]} finished "
+                                   "while others went on; agents that leave before the episode ends are not "
+                                   "supported by the MAPPO recipe")
+            o = stack_obs(obs, spec)
+            if done.all():
+                if truncated[i].any():
+                    finals.append((i, feats.packed(o, global_state(env, o, spec))))
+                run.reset_env(i)
+            else:
+                run.obs[i], run.state[i] = o, global_state(env, o, spec)
+        ended = terminated | truncated
+        run.episodes.step(rewards.sum(1), ended.all(1))
+        rew_buf[t] = torch.as_tensor(rewards, dtype=torch.float32)
+        term_buf[t] = torch.as_tensor(terminated, dtype=torch.float32)
+        end_buf[t] = torch.as_tensor(ended, dtype=torch.float32)
+        for i, final_x in finals:  # bootstrap from the real final observation/state, not the next episode's
+            next_val[t, i] = vnorm.denormalize(agent.value(torch.as_tensor(final_x).to(device)).cpu())
+        x = torch.as_tensor(feats.packed(run.obs, run.state))
+    values = vnorm.denormalize(val_buf)
+    last_value = vnorm.denormalize(agent.value(x.to(device)).cpu())
+    # next_values[t]: V(state after step t) = values[t + 1] (or the last value), replaced by V(final state)
+    # where the agent was truncated at t; terminated steps are not bootstrapped by gae itself.
+    shifted = torch.cat([values[1:], last_value[None]], 0)
+    truncated_mask = (end_buf > 0) & (term_buf == 0)
+    next_values = torch.where(truncated_mask, next_val, shifted)
+    cols = E * N
+    adv, ret = gae(rew_buf.reshape(T, cols), values.reshape(T, cols), next_values.reshape(T, cols),
+                   term_buf.reshape(T, cols), end_buf.reshape(T, cols), gamma=cfg.mappo.gamma, lam=cfg.mappo.lam)
+    stats = {"train/explained_variance": explained_variance(values.reshape(-1), ret.reshape(-1))}
+    vnorm.update(ret, info)
+    if vnorm.enabled:
+        stats.update({"train/value_norm_mean": float(vnorm.rms.mean), "train/value_norm_std": vnorm._std()})
+    n = T * cols
+    batch = Batch(x_buf.reshape(n, width), act_buf.reshape(n), logp_buf.reshape(n), adv.reshape(n),
+                  vnorm.normalize(ret.reshape(n)), val_buf.reshape(n))
+    return batch, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate_parallel(act: Callable[[np.ndarray], np.ndarray], env_cfg: ParallelEnvConfig, *, episodes: int,
+                      seed: int, agent_id_feature: bool = True) -> dict[str, float]:
+    """Run `episodes` episodes on one env seeded seed, seed+1, ...; `act(actor_inputs (N, actor_dim)) ->
+    actions (N,)` for all agents at once. Returns the mean team return (sum over agents) and length."""
+    env = make_parallel_env(env_cfg)
+    spec = inspect_env(env, env_cfg.id)
+    feats = Features(spec, "independent", agent_id_feature)
+    returns, lengths = [], []
+    for k in range(episodes):
+        raw, _ = env.reset(seed=seed + k)
+        obs = stack_obs(raw, spec)
+        total, n = 0.0, 0
+        while True:
+            actions = act(feats.actor(obs))
+            raw, rew, term, trunc, _ = env.step({a: int(actions[j]) for j, a in enumerate(spec.agents)})
+            total += sum(float(rew.get(a, 0.0)) for a in spec.agents)
+            n += 1
+            if all(term.get(a, False) or trunc.get(a, False) for a in spec.agents) or not env.agents:
+                break
+            obs = stack_obs(raw, spec)
+        returns.append(total)
+        lengths.append(n)
+    env.close()
+    return {"eval/return": float(np.mean(returns)), "eval/return_std": float(np.std(returns)),
+            "eval/length": float(np.mean(lengths)), "eval/min_return": float(np.min(returns))}
+
+
+def _evaluate(cfg: GymMAPPOConfig, agent: MAActorCritic, run: _Run, info: DistInfo) -> dict[str, float]:
+    """Deterministic episodes on rank 0 (others wait)."""
+    m: dict[str, float] = {}
+    if info.is_main:
+        was = agent.training
+        agent.eval()
+        m = evaluate_parallel(agent.act, cfg.env, episodes=cfg.eval.episodes, seed=cfg.seed + 100_000,
+                              agent_id_feature=cfg.mappo.agent_id_feature)
+        agent.train(was)
+    return broadcast_object(m, info)  # type: ignore[return-value]

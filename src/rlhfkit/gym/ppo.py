@@ -1,0 +1,463 @@
+"""`rlhfkit gym ppo`: PPO on gymnasium environments (discrete or continuous actions), one process or
+many under torchrun (decentralized: each rank runs its own envs; gradients are averaged every minibatch).
+
+One update, top to bottom: collect `ppo.n_steps` steps from `env.num_envs` environments with the current
+policy (observations normalized with running statistics if asked; truncated episodes keep the value of
+their real final observation for bootstrapping), compute GAE with `rlhfkit.rl.advantages.gae` (the same
+function the language-model PPO uses), then `ppo.epochs` passes of shuffled minibatches with the clipped
+surrogate (`rlhfkit.losses.ppo`), optional value clipping, an entropy bonus, and a global grad-norm clip.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rlhfkit.config import opt, section
+from rlhfkit.errors import ConfigError
+from rlhfkit.gym.common import (
+    EnvConfig,
+    EpisodeTracker,
+    ObsNormalizer,
+    RewardScaler,
+    SavableAgent,
+    evaluate_policy,
+    layer_init,
+    make_env,
+    make_vector_env,
+    mlp,
+)
+from rlhfkit.losses.ppo import clipped_policy_loss, clipped_value_loss, explained_variance
+from rlhfkit.rl.advantages import gae
+from rlhfkit.runtime.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum, barrier, print0, run_on_ranks
+from rlhfkit.runtime.loop import gather_rng, prepare_run_dir
+from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
+from rlhfkit.runtime.seeding import seed_everything, set_rng_state
+
+
+@dataclass
+class NetConfig:
+    hidden: list[int] = opt([64, 64], "hidden layer sizes of the policy and value MLPs")
+    activation: Literal["tanh", "relu"] = opt("tanh", "hidden activation")
+    shared: bool = opt(False, "one trunk for policy and value (default: separate networks)")
+    ortho_init: bool = opt(True, "orthogonal init: gain sqrt(2) hidden, 0.01 policy head, 1.0 value head")
+    log_std_init: float = opt(0.0, "initial log std of the Gaussian policy (Box actions)")
+
+
+@dataclass
+class GymPPOAlgo:
+    total_steps: int = opt(100_000, "environment steps over all envs and processes", gt=0)
+    n_steps: int = opt(128, "steps per environment per update", gt=0)
+    epochs: int = opt(10, "passes over each rollout", gt=0)
+    minibatches: int = opt(4, "minibatches per pass (rollout size / minibatches per update)", gt=0)
+    lr: float = opt(3e-4, "Adam learning rate", gt=0.0)
+    anneal_lr: bool = opt(True, "decay the learning rate linearly to 0 over the run")
+    adam_eps: float = opt(1e-5, "Adam epsilon", gt=0.0)
+    gamma: float = opt(0.99, "discount", ge=0.0, le=1.0)
+    lam: float = opt(0.95, "GAE lambda", ge=0.0, le=1.0)
+    clip_range: float = opt(0.2, "ratio clipping epsilon", gt=0.0)
+    clip_range_vf: float = opt(0.0, "value clipping around the rollout values; 0 = off", ge=0.0)
+    ent_coef: float = opt(0.0, "entropy bonus weight", ge=0.0)
+    vf_coef: float = opt(0.5, "value-loss weight", ge=0.0)
+    max_grad_norm: float = opt(0.5, "global gradient-norm clip; 0 = off", ge=0.0)
+    norm_adv: bool = opt(True, "normalize advantages per minibatch")
+    target_kl: float = opt(0.0, "stop the epochs of an update once approx KL exceeds this; 0 = never", ge=0.0)
+    normalize_obs: bool = opt(False, "normalize observations with running mean/std (saved with the agent)")
+    normalize_reward: bool = opt(False, "scale rewards by the running std of the discounted return")
+    clip_obs: float = opt(10.0, "clip normalized observations to +-this", gt=0.0)
+
+
+@dataclass
+class GymEvalConfig:
+    every: int = opt(10_000, "evaluate every N environment steps (and at the end); 0 = only at the end", ge=0)
+    episodes: int = opt(20, "episodes per evaluation (deterministic policy)", gt=0)
+    target_return: float | None = opt(None, "report when the eval mean return first reaches this")
+    stop_at_target: bool = opt(False, "stop training once target_return is reached")
+
+
+@dataclass
+class GymPPOConfig:
+    output_dir: str = opt("runs/gym-ppo", "run folder: config, metrics, checkpoints, agent")
+    overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
+    seed: int = opt(1, "seed for the network, the environments and sampling")
+    device: str = opt("cpu", "cpu or cuda (small MLPs are fastest on cpu)")
+    threads: int = opt(1, "torch CPU threads (small networks: 1 is fastest)", gt=0)
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(True, "write TensorBoard logs")
+    log_every: int = opt(1, "log metrics every N updates", gt=0)
+    save_every: int = opt(0, "checkpoint every N updates (environments restart their episodes there); 0 = end only", ge=0)
+    save_total_limit: int = opt(2, "checkpoints to keep; 0 = all", ge=0)
+    env: EnvConfig = section(EnvConfig, "environment")
+    net: NetConfig = section(NetConfig, "networks")
+    ppo: GymPPOAlgo = section(GymPPOAlgo, "PPO")
+    eval: GymEvalConfig = section(GymEvalConfig, "evaluation")
+
+    def validate(self) -> None:
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir", "expected a folder path for the run")
+        batch = self.env.num_envs * self.ppo.n_steps
+        if self.ppo.minibatches > batch:
+            raise ConfigError("ppo.minibatches", f"{self.ppo.minibatches} minibatches for a rollout of {batch} steps")
+
+
+# --------------------------------------------------------------------------------------------------
+# Agent
+
+
+class ActorCritic(SavableAgent):
+    """Separate (or shared-trunk) MLPs; categorical policy for Discrete, diagonal Gaussian with a
+    state-independent log std for Box actions."""
+
+    def __init__(self, obs_dim: int, action_kind: str, action_dim: int, net: dict[str, Any]):
+        super().__init__()
+        self.obs_dim, self.action_kind, self.action_dim, self.net = obs_dim, action_kind, action_dim, dict(net)
+        self.context: dict[str, Any] = {}
+        """Written into agent.json with the weights: the env config and observation normalization."""
+        hidden, act, ortho = list(net["hidden"]), net["activation"], net["ortho_init"]
+        if net["shared"]:
+            trunk = mlp([obs_dim, *hidden], act, np.sqrt(2), ortho)
+            self.trunk = torch.nn.Sequential(trunk, {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[act]())
+            self.actor = layer_init(torch.nn.Linear(hidden[-1], action_dim), 0.01, ortho)
+            self.critic = layer_init(torch.nn.Linear(hidden[-1], 1), 1.0, ortho)
+        else:
+            self.trunk = torch.nn.Identity()
+            self.actor = mlp([obs_dim, *hidden, action_dim], act, 0.01, ortho)
+            self.critic = mlp([obs_dim, *hidden, 1], act, 1.0, ortho)
+        if action_kind == "box":
+            self.log_std = torch.nn.Parameter(torch.full((action_dim,), float(net["log_std_init"])))
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "ppo", "obs_dim": self.obs_dim, "action_kind": self.action_kind,
+                "action_dim": self.action_dim, "net": self.net, **self.context}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> ActorCritic:
+        return cls(spec["obs_dim"], spec["action_kind"], spec["action_dim"], spec["net"])
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(self.trunk(obs)).squeeze(-1)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(policy output, value): log-probs of every action (Discrete) or the Gaussian mean (Box).
+
+        The distributions are written out instead of using torch.distributions, whose per-call argument
+        checks cost more than the 64-unit networks themselves."""
+        h = self.trunk(obs)
+        out = self.actor(h)
+        if self.action_kind == "discrete":
+            out = torch.log_softmax(out, dim=-1)
+        return out, self.critic(h).squeeze(-1)
+
+    def sample(self, out: torch.Tensor) -> torch.Tensor:
+        if self.action_kind == "discrete":
+            return torch.multinomial(out.exp(), 1).squeeze(-1)
+        return out + self.log_std.exp() * torch.randn_like(out)
+
+    def log_prob(self, out: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        if self.action_kind == "discrete":
+            return out.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
+        z = (action - out) / self.log_std.exp()
+        return (-0.5 * z**2 - self.log_std - _HALF_LOG_2PI).sum(-1)
+
+    def entropy(self, out: torch.Tensor) -> torch.Tensor:
+        if self.action_kind == "discrete":
+            return -(out.exp() * out).sum(-1)
+        return (0.5 + _HALF_LOG_2PI + self.log_std).sum(-1).expand(out.shape[:-1])
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        out, _ = self(torch.as_tensor(obs, dtype=torch.float32, device=next(self.parameters()).device))
+        if deterministic:
+            a = out.argmax(-1) if self.action_kind == "discrete" else out
+        else:
+            a = self.sample(out)
+        return a.cpu().numpy()
+
+
+_HALF_LOG_2PI = 0.5 * float(np.log(2 * np.pi))
+
+
+def build_agent(env: gym.Env, net: NetConfig | dict[str, Any]) -> ActorCritic:
+    obs_dim = int(np.prod(env.observation_space.shape))
+    space = env.action_space
+    kind, dim = ("discrete", int(space.n)) if isinstance(space, gym.spaces.Discrete) else ("box", int(space.shape[0]))
+    net_dict = net if isinstance(net, dict) else dict(net.__dict__)
+    return ActorCritic(obs_dim, kind, dim, net_dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg: GymPPOConfig, resume: str | None = None) -> Path:
+    """Train; returns the folder of the final agent (`output_dir/agent`)."""
+    return run_on_ranks(lambda info: _train(cfg, resume, info), torch.device(cfg.device))
+
+
+class _Run:
+    """Environment state that lives across updates (and is restarted at checkpoints)."""
+
+    def __init__(self, cfg: GymPPOConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.envs = make_vector_env(cfg.env)
+        self.obs_dim = int(np.prod(self.envs.single_observation_space.shape))
+        space = self.envs.single_action_space
+        self.box = isinstance(space, gym.spaces.Box)
+        self.low, self.high = (space.low, space.high) if self.box else (None, None)
+        self.obs_norm = ObsNormalizer(self.obs_dim, cfg.ppo.normalize_obs, cfg.ppo.clip_obs)
+        self.rew_scale = RewardScaler(cfg.env.num_envs, cfg.ppo.gamma, cfg.ppo.normalize_reward)
+        self.episodes = EpisodeTracker(cfg.env.num_envs)
+        self.obs: np.ndarray | None = None
+
+    def restart(self, update: int) -> None:
+        """Start fresh episodes in every env, seeded by (seed, rank, update): a resumed run restarts
+        exactly here too, so it continues the uninterrupted run step for step."""
+        seed = self.cfg.seed * 1_000_003 + self.info.rank * 10_007 + update
+        raw, _ = self.envs.reset(seed=[seed * 64 + i for i in range(self.cfg.env.num_envs)])
+        self.episodes.reset()
+        self.rew_scale.ret[:] = 0.0
+        self.obs_norm.update(raw, self.info)
+        self.obs = self.obs_norm(raw)
+
+    def normalizer_state(self) -> dict[str, Any]:
+        return {"obs": self.obs_norm.rms.state_dict(), "reward": self.rew_scale.rms.state_dict()}
+
+    def load_normalizers(self, state: dict[str, Any]) -> None:
+        self.obs_norm.rms.load_state_dict(state["obs"])
+        self.rew_scale.rms.load_state_dict(state["reward"])
+
+
+def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    seed_everything(cfg.seed)  # identical network init on every rank
+    run = _Run(cfg, info)
+    agent = build_agent(make_env(cfg.env), cfg.net).to(device)
+    agent.context = {"env": dict(cfg.env.__dict__), "normalize_obs": cfg.ppo.normalize_obs, "clip_obs": cfg.ppo.clip_obs}
+    p = cfg.ppo
+    optimizer = torch.optim.Adam(agent.parameters(), lr=p.lr, eps=p.adam_eps)
+    per_update = cfg.env.num_envs * p.n_steps * info.world_size
+    updates = max(1, p.total_steps // per_update)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: max(0.0, 1.0 - u / updates) if p.anneal_lr else 1.0)
+    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
+    seed_everything(cfg.seed + 7919 * info.rank)  # sampling differs per rank
+    start, state = 0, {}
+    if resume is not None:
+        folder = find_checkpoint(run_dir, resume)
+        ckpt = load_checkpoint(folder)
+        agent.load_checkpoint_weights(folder / "model")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        run.load_normalizers(ckpt["normalizers"])
+        start, state = ckpt["step"], ckpt
+        print0(info, f"resumed from {folder} at update {start}/{updates}")
+    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
+                           resume_step=start if resume is not None else None)
+    print0(info, f"{cfg.env.id}: {cfg.env.num_envs} envs x {info.world_size} process(es), {updates} updates of "
+                 f"{per_update} steps, {sum(x.numel() for x in agent.parameters()):,} parameters")
+    run.restart(start)
+    bar = ProgressBar(updates, enabled=cfg.progress and info.is_main, start=start, description=cfg.env.id)
+    train_seconds = float(state.get("train_seconds", 0.0))
+    reached = state.get("reached_target")
+    last_eval = (start * per_update) // cfg.eval.every if cfg.eval.every else 0  # evaluations already due
+    for update in range(start + 1, updates + 1):
+        t0 = time.perf_counter()
+        batch, stats = _collect(run, agent, device)
+        stats.update(_optimize(agent, optimizer, batch, p, info))
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        elapsed = time.perf_counter() - t0
+        train_seconds += elapsed
+        steps = update * per_update
+        stats.update(run.episodes.drain(info))
+        stats.update({"train/lr": lr, "time/sps": per_update / elapsed, "time/train_seconds": train_seconds,
+                      "env_steps": float(steps)})
+        if update % cfg.log_every == 0 or update == updates:
+            logger.log(update, stats)
+        bar.update(1, per_update, elapsed, f"return {stats.get('episode/return', float('nan')):.1f}")
+        due = cfg.eval.every and steps // cfg.eval.every > last_eval
+        if due or update == updates:
+            last_eval = steps // cfg.eval.every if cfg.eval.every else last_eval
+            m = _evaluate(cfg, agent, run, info)
+            logger.log(update, {**m, "env_steps": float(steps), "time/train_seconds": train_seconds})
+            if cfg.eval.target_return is not None and reached is None and m["eval/return"] >= cfg.eval.target_return:
+                reached = {"env_steps": steps, "train_seconds": train_seconds, "update": update}
+                print0(info, f"reached eval return {m['eval/return']:.1f} >= {cfg.eval.target_return} after {steps} "
+                             f"steps, {train_seconds:.1f} s of training")
+                logger.log(update, {"eval/target_reached_steps": float(steps), "eval/target_reached_seconds": train_seconds})
+        stop = reached is not None and cfg.eval.stop_at_target
+        if (cfg.save_every and update % cfg.save_every == 0) or update == updates or stop:
+            extra = {"normalizers": run.normalizer_state(), "train_seconds": train_seconds, "reached_target": reached}
+            _save(run_dir, update, agent, optimizer, scheduler, extra, cfg.save_total_limit, info)
+            if update != updates:
+                run.restart(update)
+        if stop:
+            break
+    bar.close()
+    if info.enabled:  # DD-PPO invariant: every rank applied the same averaged updates
+        divergence = param_divergence(agent, info)
+        logger.log(update, {"dist/param_divergence": divergence})
+        print0(info, f"parameters across {info.world_size} processes: max difference {divergence:.3g}")
+    logger.close()
+    run.envs.close()
+    out = run_dir / "agent"
+    if info.is_main:
+        agent.save_pretrained(str(out))
+        (out / "normalizers.json").write_text(json.dumps(run.normalizer_state(), indent=2))
+        print(f"saved agent to {out}", flush=True)
+    barrier(info)
+    return out
+
+
+def _save(run_dir: Path, update: int, agent: ActorCritic, optimizer: Any, scheduler: Any, extra: dict[str, Any],
+          keep: int, info: DistInfo) -> None:
+    rng = gather_rng(info)
+    if info.is_main:
+        save_checkpoint(run_dir, update, model=agent, optimizer=optimizer, scheduler=scheduler, rng=rng,
+                        state=extra, keep=keep)
+    barrier(info)
+
+
+@dataclass
+class Batch:
+    obs: torch.Tensor
+    actions: torch.Tensor
+    logprobs: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    values: torch.Tensor
+
+
+@torch.no_grad()
+def _collect(run: _Run, agent: ActorCritic, device: torch.device) -> tuple[Batch, dict[str, float]]:
+    """One rollout of n_steps x num_envs; GAE with truncation bootstrapping."""
+    cfg, info = run.cfg, run.info
+    T, N = cfg.ppo.n_steps, cfg.env.num_envs
+    obs_buf = torch.zeros((T, N, run.obs_dim))
+    act_buf = torch.zeros((T, N, agent.action_dim)) if run.box else torch.zeros((T, N), dtype=torch.long)
+    logp_buf, rew_buf, val_buf = torch.zeros((T, N)), torch.zeros((T, N)), torch.zeros((T, N))
+    next_val, term_buf, end_buf = torch.zeros((T, N)), torch.zeros((T, N)), torch.zeros((T, N))
+    obs = torch.as_tensor(run.obs)
+    for t in range(T):
+        d, value = agent(obs.to(device))
+        action = agent.sample(d)
+        obs_buf[t], act_buf[t] = obs, action.cpu()
+        logp_buf[t], val_buf[t] = agent.log_prob(d, action).cpu(), value.cpu()
+        a = action.cpu().numpy()
+        if run.box:
+            a = np.clip(a, run.low, run.high)
+        raw_obs, reward, terminated, truncated, infos = run.envs.step(a)
+        ended = np.logical_or(terminated, truncated)
+        run.episodes.step(reward, ended)
+        rew_buf[t] = torch.as_tensor(run.rew_scale(np.asarray(reward, np.float64), ended, info))
+        term_buf[t] = torch.as_tensor(terminated, dtype=torch.float32)
+        end_buf[t] = torch.as_tensor(ended, dtype=torch.float32)
+        run.obs_norm.update(raw_obs, info)
+        obs = torch.as_tensor(run.obs_norm(raw_obs))
+        if truncated.any():  # bootstrap from the real final observation, not the next episode's first
+            idx = np.flatnonzero(truncated & ~terminated)
+            if len(idx):
+                final = np.stack([infos["final_obs"][i] for i in idx])
+                next_val[t, idx] = agent.value(torch.as_tensor(run.obs_norm(final)).to(device)).cpu()
+    run.obs = obs.numpy()
+    last_value = agent.value(obs.to(device)).cpu()
+    # next_values[t]: V(obs after step t) = val[t+1] (or the last value), replaced by V(final obs) where
+    # the episode was truncated at t (set above); terminated steps are not bootstrapped by gae itself.
+    shifted = torch.cat([val_buf[1:], last_value[None]], 0)
+    truncated_mask = (end_buf > 0) & (term_buf == 0)
+    next_values = torch.where(truncated_mask, next_val, shifted)
+    adv, ret = gae(rew_buf, val_buf, next_values, term_buf, end_buf, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
+    flat = Batch(obs_buf.reshape(T * N, -1), act_buf.reshape(T * N, *act_buf.shape[2:]), logp_buf.reshape(-1),
+                 adv.reshape(-1), ret.reshape(-1), val_buf.reshape(-1))
+    return flat, {"train/explained_variance": explained_variance(val_buf.reshape(-1), ret.reshape(-1))}
+
+
+def _optimize(agent: ActorCritic, optimizer: torch.optim.Optimizer, b: Batch, p: GymPPOAlgo,
+              info: DistInfo) -> dict[str, float]:
+    n = b.obs.size(0)
+    size = n // p.minibatches
+    device = next(agent.parameters()).device
+    totals: dict[str, float] = {}
+    count = 0
+    params = [x for x in agent.parameters() if x.requires_grad]
+    for _ in range(p.epochs):
+        order = torch.randperm(n)
+        approx = []
+        for k in range(p.minibatches):
+            idx = order[k * size : (k + 1) * size]
+            obs, actions = b.obs[idx].to(device), b.actions[idx].to(device)
+            d, values = agent(obs)
+            logp = agent.log_prob(d, actions)
+            adv = b.advantages[idx].to(device)
+            if p.norm_adv and adv.numel() > 1:
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            pg_loss, st = clipped_policy_loss(logp, b.logprobs[idx].to(device), adv, clip_range=p.clip_range)
+            v_loss, vclip = clipped_value_loss(values, b.values[idx].to(device), b.returns[idx].to(device),
+                                               clip_range=p.clip_range_vf or None)
+            entropy = agent.entropy(d).mean()
+            loss = pg_loss - p.ent_coef * entropy + p.vf_coef * v_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if info.enabled:
+                _average_gradients(params, info)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm or float("inf")).item()
+            optimizer.step()
+            for key, value in (("train/policy_loss", pg_loss.item()), ("train/value_loss", v_loss.item()),
+                               ("train/entropy", entropy.item()), ("train/approx_kl", st["approx_kl"].item()),
+                               ("train/clipfrac", st["clipfrac"].item()), ("train/value_clipfrac", float(vclip)),
+                               ("train/grad_norm", grad_norm)):
+                totals[key] = totals.get(key, 0.0) + value
+            count += 1
+            approx.append(st["approx_kl"].item())
+        if p.target_kl:
+            kl = all_reduce_sum(torch.tensor(float(np.mean(approx))), info).item() / info.world_size
+            if kl > p.target_kl:  # the same decision on every rank (averaged KL), so no rank waits alone
+                break
+    return {k: v / count for k, v in totals.items()}
+
+
+def _average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
+    """Average gradients over ranks in one flat all-reduce (DD-PPO: every rank applies the same update)."""
+    grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    offset = 0
+    for x in params:
+        n = x.numel()
+        x.grad = flat[offset : offset + n].view_as(x).clone()
+        offset += n
+
+
+def param_divergence(model: torch.nn.Module, info: DistInfo) -> float:
+    """Largest |difference| of any parameter between ranks (0.0 when they are bit-identical)."""
+    flat = torch.cat([x.detach().reshape(-1).double().cpu() for x in model.parameters()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).max())
+
+
+def _evaluate(cfg: GymPPOConfig, agent: ActorCritic, run: _Run, info: DistInfo) -> dict[str, float]:
+    """Deterministic episodes on rank 0 (others wait): mean return over cfg.eval.episodes."""
+    m = {}
+    if info.is_main:
+        was = agent.training
+        agent.eval()
+        norm = run.obs_norm if cfg.ppo.normalize_obs else None
+        m = evaluate_policy(agent.act, cfg.env, episodes=cfg.eval.episodes, seed=cfg.seed + 100_000, normalize=norm)
+        agent.train(was)
+    from rlhfkit.runtime.distributed import broadcast_object
+
+    return broadcast_object(m, info)  # type: ignore[return-value]

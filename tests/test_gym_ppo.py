@@ -1,0 +1,184 @@
+"""Control-task PPO: truncation bootstrapping, distributions, CartPole/Pendulum smoke runs, resume,
+saved-agent evaluation, and two processes under torchrun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from rlhfkit.config import load_config
+from rlhfkit.errors import ConfigError
+from rlhfkit.gym.common import EnvConfig, RunningMeanStd
+from rlhfkit.gym.ppo import ActorCritic, GymPPOConfig, _collect, _Run, train
+from rlhfkit.runtime.distributed import DistInfo
+from tests.test_sft import _cli, _losses
+
+
+class CounterEnv(gym.Env):
+    """obs = [steps taken in this episode]; reward 1 per step; terminates when it reaches `end` (if set)."""
+
+    def __init__(self, end: int = 0):
+        self.observation_space = gym.spaces.Box(-100.0, 100.0, (1,), np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+        self.end, self.t = end, 0
+
+    def reset(self, *, seed=None, options=None):  # noqa: ANN001, ANN201
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):  # noqa: ANN001, ANN201
+        self.t += 1
+        return np.array([float(self.t)], np.float32), 1.0, bool(self.end and self.t >= self.end), False, {}
+
+
+gym.register("RlhfkitCounter-v0", entry_point=CounterEnv)
+
+
+def _value_is_obs(agent: ActorCritic) -> None:
+    """Make V(obs) = 10 * obs[0] so values are easy to write by hand."""
+    lin = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        lin.weight.fill_(10.0)
+        lin.bias.zero_()
+    agent.critic = lin
+
+
+def test_truncation_bootstraps_from_the_final_observation_and_termination_does_not() -> None:
+    # Time limit 3, no termination: episodes are truncated after obs 3; the next observation is the new
+    # episode's 0. One env, 4 steps, gamma 0.5, lambda 1.
+    args = ["env.id=RlhfkitCounter-v0", "env.num_envs=1", "env.max_episode_steps=3", "ppo.n_steps=4",
+            "ppo.gamma=0.5", "ppo.lam=1.0", "output_dir=unused"]
+    cfg = load_config(GymPPOConfig, None, args)
+    run = _Run(cfg, DistInfo())
+    agent = ActorCritic(1, "discrete", 2, dict(cfg.net.__dict__))
+    _value_is_obs(agent)
+    run.restart(0)
+    batch, _ = _collect(run, agent, torch.device("cpu"))
+    # observations 0,1,2 | 0 ; values 0,10,20 | 0 ; after step 2 (obs 2 -> final obs 3) truncated.
+    # next values: V(1)=10, V(2)=20, V(final 3)=30 (not V(0)=0), then V(obs after step 3 = 1) = 10.
+    # deltas: 1+5-0=6, 1+10-10=1, 1+15-20=-4 | 1+5-0=6 ; A_2=-4, A_1=1+0.5*-4=-1, A_0=6+0.5*-1=5.5, A_3=6.
+    torch.testing.assert_close(batch.advantages, torch.tensor([5.5, -1.0, -4.0, 6.0]))
+    torch.testing.assert_close(batch.returns, torch.tensor([5.5, 9.0, 16.0, 6.0]))
+    run.envs.close()
+
+    # The same with termination at 3: no bootstrap at the last step of the episode.
+    gym.register("RlhfkitCounterEnd-v0", entry_point=lambda: CounterEnv(end=3))
+    cfg = load_config(GymPPOConfig, None, [a.replace("RlhfkitCounter-v0", "RlhfkitCounterEnd-v0") for a in args])
+    run = _Run(cfg, DistInfo())
+    run.restart(0)
+    batch, _ = _collect(run, agent, torch.device("cpu"))
+    # delta_2 = 1 + 0 - 20 = -19; A_1 = 1 + 0.5*-19 = -8.5; A_0 = 6 + 0.5*-8.5 = 1.75
+    torch.testing.assert_close(batch.advantages, torch.tensor([1.75, -8.5, -19.0, 6.0]))
+    run.envs.close()
+
+
+@pytest.mark.parametrize("kind", ["discrete", "box"])
+def test_written_out_distributions_match_torch(kind: str) -> None:
+    torch.manual_seed(0)
+    net = {"hidden": [16], "activation": "tanh", "shared": False, "ortho_init": True, "log_std_init": -0.3}
+    agent = ActorCritic(4, kind, 3, net)
+    obs = torch.randn(5, 4)
+    out, _ = agent(obs)
+    action = agent.sample(out)
+    if kind == "discrete":
+        ref = torch.distributions.Categorical(logits=agent.actor(obs))
+        torch.testing.assert_close(agent.log_prob(out, action), ref.log_prob(action))
+        torch.testing.assert_close(agent.entropy(out), ref.entropy())
+    else:
+        ref = torch.distributions.Normal(out, agent.log_std.exp().expand_as(out))
+        torch.testing.assert_close(agent.log_prob(out, action), ref.log_prob(action).sum(-1))
+        torch.testing.assert_close(agent.entropy(out), ref.entropy().sum(-1))
+
+
+def test_running_mean_std_matches_numpy_and_round_trips() -> None:
+    rng = np.random.default_rng(0)
+    rms = RunningMeanStd((3,))
+    chunks = [rng.normal(2.0, 3.0, size=(n, 3)) for n in (5, 17, 1, 40)]
+    for c in chunks:
+        rms.update(c)
+    allx = np.concatenate(chunks)
+    np.testing.assert_allclose(rms.mean, allx.mean(0), atol=1e-4)
+    np.testing.assert_allclose(rms.var, allx.var(0), rtol=1e-3)
+    other = RunningMeanStd((3,))
+    other.load_state_dict(json.loads(json.dumps(rms.state_dict())))
+    np.testing.assert_array_equal(other.mean, rms.mean)
+    assert other.count == rms.count
+
+
+def _args(out: Path, *extra: str) -> list[str]:
+    return ["env.num_envs=4", "ppo.n_steps=32", "ppo.epochs=4", "ppo.minibatches=2", "progress=false",
+            "tensorboard=false", f"output_dir={out}", *extra]
+
+
+def test_cartpole_smoke_eval_and_cli(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(load_config(GymPPOConfig, None, _args(out, "ppo.total_steps=2048", "eval.every=1024", "eval.episodes=3")))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    updates = [r for r in rows if "train/policy_loss" in r]
+    assert len(updates) == 16 and all(np.isfinite(r["train/approx_kl"]) for r in updates)
+    assert {"episode/return", "time/sps", "train/clipfrac", "train/entropy"} <= set().union(*map(set, updates))
+    assert sum("eval/return" in r for r in rows) == 2
+    res = _cli("gym", "eval", str(out / "agent"), "--episodes", "2", cwd=tmp_path)
+    assert res.returncode == 0 and "mean return" in res.stdout, res.stderr
+    res = _cli("gym", "eval", str(tmp_path), cwd=tmp_path)
+    assert res.returncode == 2 and "agent.json" in res.stderr
+
+
+def test_box_actions_with_normalization_and_checkpointed_statistics(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(load_config(GymPPOConfig, None, _args(out, "env.id=Pendulum-v1", "ppo.total_steps=1024", "ppo.normalize_obs=true",
+                                              "ppo.normalize_reward=true", "eval.episodes=1", "save_every=4")))
+    state = json.loads((out / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["normalizers"]["obs"]["count"] > 100 and len(state["normalizers"]["obs"]["mean"]) == 3
+    saved = json.loads((out / "agent" / "normalizers.json").read_text())
+    assert saved["obs"]["count"] > state["normalizers"]["obs"]["count"]
+    res = _cli("gym", "eval", str(out / "checkpoints" / "step-00000004"), "--episodes", "1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = _args(out, "ppo.total_steps=768", "save_every=2", "save_total_limit=0", "ppo.normalize_obs=true",
+                 "eval.every=0", "eval.episodes=1")
+    train(load_config(GymPPOConfig, None, args))
+    full = {k: _losses(out, k) for k in ("train/policy_loss", "train/value_loss", "train/entropy")}
+    import shutil
+
+    for step in (4, 6):
+        shutil.rmtree(out / "checkpoints" / f"step-{step:08d}")
+    (out / "checkpoints" / "latest").write_text("step-00000002\n")
+    res = _cli("gym", "ppo", *args, "--resume", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    for key, values in full.items():
+        again = _losses(out, key)
+        assert sorted(again) == list(range(1, 7))
+        for step in range(3, 7):
+            assert again[step] == pytest.approx(values[step], abs=1e-6), (key, step)
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="minibatches"):
+        load_config(GymPPOConfig, None, _args(tmp_path, "ppo.minibatches=1000"))
+    res = _cli("gym", "ppo", *_args(tmp_path / "r", "env.id=NoSuchEnv-v9"), cwd=tmp_path)
+    assert res.returncode == 2 and "env.id" in res.stderr and "NoSuchEnv-v9" in res.stderr
+    from rlhfkit.gym.common import make_vector_env
+
+    with pytest.raises(ConfigError, match="observation space"):
+        make_vector_env(EnvConfig(id="FrozenLake-v1", num_envs=1))
+
+
+def test_two_processes_stay_identical_and_learn_cartpole(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    res = _cli("gym", "ppo", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "gym_cartpole_ppo.yaml"),
+               f"output_dir={out}", "progress=false", "tensorboard=false", "env.num_envs=4", "ppo.total_steps=60000",
+               "seed=1", cwd=tmp_path, torchrun=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _losses(out, "dist/param_divergence") and max(_losses(out, "dist/param_divergence").values()) == 0.0
+    evals = _losses(out, "eval/return")
+    assert max(evals.values()) >= 475, evals
