@@ -43,6 +43,7 @@ from rlhfkit.gym.common import (
     EpisodeTracker,
     SavableAgent,
     evaluate_policy,
+    make_adam,
     make_env,
     make_vector_env,
     mlp,
@@ -350,15 +351,6 @@ def _optimize(agent: QAgent, optimizer: torch.optim.Optimizer, buffer: ReplayBuf
     return {"train/loss": totals[0].item(), "train/q_mean": totals[1].item(), "train/grad_norm": totals[2].item()}
 
 
-def _adam(params: Any, lr: float) -> torch.optim.Adam:
-    """Adam, fused where torch has it (on CPU about 5x faster than the per-tensor loop for these MLPs)."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
-
-
 def _train(cfg: GymDQNConfig, resume: str | None, info: DistInfo) -> Path:
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -368,7 +360,7 @@ def _train(cfg: GymDQNConfig, resume: str | None, info: DistInfo) -> Path:
     run = _Run(cfg, n_actions, device)
     agent = QAgent(run.obs_dim, n_actions, dict(cfg.net.__dict__)).to(device)
     agent.context = {"env": dict(cfg.env.__dict__), "exploration_final_eps": d.exploration_final_eps}
-    optimizer = _adam(agent.q.parameters(), d.lr)
+    optimizer = make_adam(agent.q.parameters(), d.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant; kept for the checkpoint format
     vec_steps = max(1, -(-d.train_freq // cfg.env.num_envs))
     per_round = vec_steps * cfg.env.num_envs

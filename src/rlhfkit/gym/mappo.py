@@ -48,8 +48,8 @@ import torch
 
 from rlhfkit.config import opt, section
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.gym.common import EpisodeTracker, RunningMeanStd, SavableAgent, mlp
-from rlhfkit.gym.ppo import Batch, GymEvalConfig, _optimize, _save
+from rlhfkit.gym.common import EpisodeTracker, RunningMeanStd, SavableAgent, make_adam, mlp
+from rlhfkit.gym.ppo import Batch, GymEvalConfig, _optimize, _save, param_divergence
 from rlhfkit.losses.ppo import explained_variance
 from rlhfkit.rl.advantages import gae
 from rlhfkit.runtime.checkpoint import find_checkpoint, load_checkpoint
@@ -381,7 +381,7 @@ def _train(cfg: GymMAPPOConfig, resume: str | None, info: DistInfo) -> Path:
     agent = MAActorCritic(f.actor_dim, f.critic_dim, run.spec.n_actions, len(run.spec.agents), p.critic,
                           dict(cfg.net.__dict__)).to(device)
     vnorm = ValueNormalizer(p.value_norm)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=p.lr, eps=p.adam_eps)
+    optimizer = make_adam(agent.parameters(), p.lr, p.adam_eps)
     per_update = cfg.env.num_envs * p.n_steps * info.world_size
     updates = max(1, p.total_steps // per_update)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -444,6 +444,10 @@ def _train(cfg: GymMAPPOConfig, resume: str | None, info: DistInfo) -> Path:
         if stop:
             break
     bar.close()
+    if info.enabled:  # every rank applied the same averaged updates
+        divergence = param_divergence(agent, info)
+        logger.log(update, {"dist/param_divergence": divergence})
+        print0(info, f"parameters across {info.world_size} processes: max difference {divergence:.3g}")
     logger.close()
     run.close()
     out = run_dir / "agent"

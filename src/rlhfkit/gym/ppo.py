@@ -31,6 +31,7 @@ from rlhfkit.gym.common import (
     SavableAgent,
     evaluate_policy,
     layer_init,
+    make_adam,
     make_env,
     make_vector_env,
     mlp,
@@ -244,7 +245,7 @@ def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
     agent = build_agent(make_env(cfg.env), cfg.net).to(device)
     agent.context = {"env": dict(cfg.env.__dict__), "normalize_obs": cfg.ppo.normalize_obs, "clip_obs": cfg.ppo.clip_obs}
     p = cfg.ppo
-    optimizer = torch.optim.Adam(agent.parameters(), lr=p.lr, eps=p.adam_eps)
+    optimizer = make_adam(agent.parameters(), p.lr, p.adam_eps)
     per_update = cfg.env.num_envs * p.n_steps * info.world_size
     updates = max(1, p.total_steps // per_update)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
