@@ -178,7 +178,7 @@ def test_two_processes_stay_identical_and_learn_cartpole(tmp_path: Path) -> None
     res = _cli("gym", "ppo", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "gym_cartpole_ppo.yaml"),
                f"output_dir={out}", "progress=false", "tensorboard=false", "env.num_envs=4", "ppo.total_steps=60000",
                "seed=1", cwd=tmp_path, torchrun=2)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[:3000]
     assert _losses(out, "dist/param_divergence") and max(_losses(out, "dist/param_divergence").values()) == 0.0
     evals = _losses(out, "eval/return")
     assert max(evals.values()) >= 475, evals

@@ -53,17 +53,24 @@ def run_on_ranks(body: Callable[[DistInfo], T], device: torch.device) -> T:
     """Join the process group (if launched by torchrun/accelerate), run `body`, always leave the group."""
     info = init_distributed(device.type)
     try:
-        return body(info)
-    finally:
-        cleanup()
+        result = body(info)
+    except BaseException:
+        cleanup()  # no barrier: the other ranks may be inside a collective this rank will never join
+        raise
+    cleanup(synchronize=True)
+    return result
 
 
 def local_rank_from_env() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def cleanup() -> None:
+def cleanup(synchronize: bool = False) -> None:
+    """Leave the process group; after a successful run, first wait until every rank got here (a rank
+    that tears down while another still finishes its last collective can abort the other)."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
