@@ -55,7 +55,7 @@ def run_rlhfkit(a: argparse.Namespace, folder: str, data: Path, out: Path, advan
     from rlhfkit.config import load_config
     from rlhfkit.recipes.ppo import PPOConfig, train
 
-    k = a.samples if advantage != "gae" else a.samples
+    k = a.samples
     args = [f"model.name={folder}", f"model.device={a.device}", f"data.train={data}", "data.eval_fraction=0",
             "data.chat_template=never", f"data.max_prompt_length={a.prompt_words * 4}",
             f"rollout.max_new_tokens={a.new_tokens}", "rollout.ignore_eos=true", f"rollout.samples_per_prompt={k}",

@@ -245,6 +245,50 @@ def make_adam(params: Any, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, eps=eps)
 
 
+@dataclass
+class GymSession:
+    """Optimizer, schedule, run folder, logger and the restored checkpoint of a PPO-style gym run."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    run_dir: Path
+    updates: int
+    start: int
+    state: dict[str, Any]
+    """The restored checkpoint's state (empty for a new run): recipes read their statistics here."""
+    logger: Any
+
+
+def open_gym_session(cfg: Any, agent: SavableAgent, *, lr: float, adam_eps: float, anneal_lr: bool, updates: int,
+                     resume: str | None, info: DistInfo) -> GymSession:
+    """Adam (+ linear decay to 0 over `updates` when asked), the run folder, and on resume the weights,
+    optimizer, schedule and this rank's RNG state of the checkpoint. Seeds sampling per rank after the
+    (rank-independent) network init."""
+    from rlhfkit.runtime.checkpoint import find_checkpoint, load_checkpoint
+    from rlhfkit.runtime.distributed import print0
+    from rlhfkit.runtime.loop import prepare_run_dir
+    from rlhfkit.runtime.metrics import MetricsLogger
+    from rlhfkit.runtime.seeding import seed_everything, set_rng_state
+
+    optimizer = make_adam(agent.parameters(), lr, adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / updates) if anneal_lr else 1.0)
+    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
+    seed_everything(cfg.seed + 7919 * info.rank)  # sampling differs per rank
+    start, state = 0, {}
+    if resume is not None:
+        folder = find_checkpoint(run_dir, resume)
+        state = load_checkpoint(folder)
+        agent.load_checkpoint_weights(folder / "model")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
+        start = state["step"]
+        print0(info, f"resumed from {folder} at update {start}/{updates}")
+    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
+                           resume_step=start if resume is not None else None)
+    return GymSession(optimizer, scheduler, run_dir, updates, start, state, logger)
+
+
 def layer_init(layer: torch.nn.Linear, gain: float, ortho: bool) -> torch.nn.Linear:
     """Orthogonal weights with `gain`, zero bias (CleanRL / SB3 defaults for PPO)."""
     if ortho:

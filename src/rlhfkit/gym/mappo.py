@@ -48,15 +48,13 @@ import torch
 
 from rlhfkit.config import opt, section
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.gym.common import EpisodeTracker, RunningMeanStd, SavableAgent, make_adam, mlp
+from rlhfkit.gym.common import EpisodeTracker, RunningMeanStd, SavableAgent, mlp, open_gym_session
 from rlhfkit.gym.ppo import Batch, GymEvalConfig, _optimize, _save, param_divergence
 from rlhfkit.losses.ppo import explained_variance
 from rlhfkit.rl.advantages import gae
-from rlhfkit.runtime.checkpoint import find_checkpoint, load_checkpoint
 from rlhfkit.runtime.distributed import DistInfo, barrier, broadcast_object, print0, run_on_ranks
-from rlhfkit.runtime.loop import prepare_run_dir
-from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
-from rlhfkit.runtime.seeding import seed_everything, set_rng_state
+from rlhfkit.runtime.metrics import ProgressBar
+from rlhfkit.runtime.seeding import seed_everything
 
 
 @dataclass
@@ -381,26 +379,14 @@ def _train(cfg: GymMAPPOConfig, resume: str | None, info: DistInfo) -> Path:
     agent = MAActorCritic(f.actor_dim, f.critic_dim, run.spec.n_actions, len(run.spec.agents), p.critic,
                           dict(cfg.net.__dict__)).to(device)
     vnorm = ValueNormalizer(p.value_norm)
-    optimizer = make_adam(agent.parameters(), p.lr, p.adam_eps)
     per_update = cfg.env.num_envs * p.n_steps * info.world_size
     updates = max(1, p.total_steps // per_update)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda u: max(0.0, 1.0 - u / updates) if p.anneal_lr else 1.0)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
-    seed_everything(cfg.seed + 7919 * info.rank)  # sampling differs per rank
-    start, state = 0, {}
-    if resume is not None:
-        folder = find_checkpoint(run_dir, resume)
-        ckpt = load_checkpoint(folder)
-        agent.load_checkpoint_weights(folder / "model")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        vnorm.load_state_dict(ckpt["value_norm"])
-        start, state = ckpt["step"], ckpt
-        print0(info, f"resumed from {folder} at update {start}/{updates}")
-    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
-                           resume_step=start if resume is not None else None)
+    session = open_gym_session(cfg, agent, lr=p.lr, adam_eps=p.adam_eps, anneal_lr=p.anneal_lr, updates=updates,
+                               resume=resume, info=info)
+    optimizer, scheduler, run_dir, logger = session.optimizer, session.scheduler, session.run_dir, session.logger
+    start, state = session.start, session.state
+    if session.state:
+        vnorm.load_state_dict(session.state["value_norm"])
     print0(info, f"{cfg.env.id}: {len(run.spec.agents)} agents, {p.critic} critic (input {f.critic_dim}), "
                  f"{cfg.env.num_envs} envs x {info.world_size} process(es), {updates} updates of {per_update} steps, "
                  f"{sum(x.numel() for x in agent.parameters()):,} parameters")

@@ -31,18 +31,18 @@ from rlhfkit.gym.common import (
     SavableAgent,
     evaluate_policy,
     layer_init,
-    make_adam,
     make_env,
     make_vector_env,
     mlp,
+    open_gym_session,
 )
 from rlhfkit.losses.ppo import clipped_policy_loss, clipped_value_loss, explained_variance
 from rlhfkit.rl.advantages import gae
-from rlhfkit.runtime.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from rlhfkit.runtime.checkpoint import save_checkpoint
 from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum, barrier, print0, run_on_ranks
-from rlhfkit.runtime.loop import gather_rng, prepare_run_dir
-from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
-from rlhfkit.runtime.seeding import seed_everything, set_rng_state
+from rlhfkit.runtime.loop import gather_rng
+from rlhfkit.runtime.metrics import ProgressBar
+from rlhfkit.runtime.seeding import seed_everything
 
 
 @dataclass
@@ -245,26 +245,14 @@ def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
     agent = build_agent(make_env(cfg.env), cfg.net).to(device)
     agent.context = {"env": dict(cfg.env.__dict__), "normalize_obs": cfg.ppo.normalize_obs, "clip_obs": cfg.ppo.clip_obs}
     p = cfg.ppo
-    optimizer = make_adam(agent.parameters(), p.lr, p.adam_eps)
     per_update = cfg.env.num_envs * p.n_steps * info.world_size
     updates = max(1, p.total_steps // per_update)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda u: max(0.0, 1.0 - u / updates) if p.anneal_lr else 1.0)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
-    seed_everything(cfg.seed + 7919 * info.rank)  # sampling differs per rank
-    start, state = 0, {}
-    if resume is not None:
-        folder = find_checkpoint(run_dir, resume)
-        ckpt = load_checkpoint(folder)
-        agent.load_checkpoint_weights(folder / "model")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"][info.rank] if info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        run.load_normalizers(ckpt["normalizers"])
-        start, state = ckpt["step"], ckpt
-        print0(info, f"resumed from {folder} at update {start}/{updates}")
-    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
-                           resume_step=start if resume is not None else None)
+    session = open_gym_session(cfg, agent, lr=p.lr, adam_eps=p.adam_eps, anneal_lr=p.anneal_lr, updates=updates,
+                               resume=resume, info=info)
+    optimizer, scheduler, run_dir, logger = session.optimizer, session.scheduler, session.run_dir, session.logger
+    start, state = session.start, session.state
+    if session.state:
+        run.load_normalizers(session.state["normalizers"])
     print0(info, f"{cfg.env.id}: {cfg.env.num_envs} envs x {info.world_size} process(es), {updates} updates of "
                  f"{per_update} steps, {sum(x.numel() for x in agent.parameters()):,} parameters")
     run.restart(start)
