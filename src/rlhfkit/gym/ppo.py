@@ -377,14 +377,16 @@ def _optimize(agent: ActorCritic, optimizer: torch.optim.Optimizer, b: Batch, p:
     n = b.obs.size(0)
     size = n // p.minibatches
     device = next(agent.parameters()).device
-    totals: dict[str, float] = {}
+    keys = ("train/policy_loss", "train/value_loss", "train/entropy", "train/approx_kl", "train/clipfrac",
+            "train/value_clipfrac", "train/grad_norm")
+    totals = torch.zeros(len(keys))
     count = 0
     params = [x for x in agent.parameters() if x.requires_grad]
     for _ in range(p.epochs):
-        order = torch.randperm(n)
-        approx = []
+        order = torch.randperm(n) if p.minibatches > 1 else None  # one minibatch: the whole rollout, no gather
+        epoch_kl = torch.zeros(())
         for k in range(p.minibatches):
-            idx = order[k * size : (k + 1) * size]
+            idx = order[k * size : (k + 1) * size] if order is not None else slice(None)
             obs, actions = b.obs[idx].to(device), b.actions[idx].to(device)
             d, values = agent(obs)
             logp = agent.log_prob(d, actions)
@@ -400,20 +402,19 @@ def _optimize(agent: ActorCritic, optimizer: torch.optim.Optimizer, b: Batch, p:
             loss.backward()
             if info.enabled:
                 _average_gradients(params, info)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm or float("inf")).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm or float("inf"))
             optimizer.step()
-            for key, value in (("train/policy_loss", pg_loss.item()), ("train/value_loss", v_loss.item()),
-                               ("train/entropy", entropy.item()), ("train/approx_kl", st["approx_kl"].item()),
-                               ("train/clipfrac", st["clipfrac"].item()), ("train/value_clipfrac", float(vclip)),
-                               ("train/grad_norm", grad_norm)):
-                totals[key] = totals.get(key, 0.0) + value
+            # Statistics stay tensors until the end of the update: a .item() per minibatch costs a
+            # quarter of a 64-unit network's whole update step on CPU.
+            totals += torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(), st["approx_kl"], st["clipfrac"],
+                                   vclip.detach().float(), grad_norm.detach()]).cpu()
+            epoch_kl += st["approx_kl"].cpu()
             count += 1
-            approx.append(st["approx_kl"].item())
         if p.target_kl:
-            kl = all_reduce_sum(torch.tensor(float(np.mean(approx))), info).item() / info.world_size
+            kl = all_reduce_sum(epoch_kl / p.minibatches, info).item() / info.world_size
             if kl > p.target_kl:  # the same decision on every rank (averaged KL), so no rank waits alone
                 break
-    return {k: v / count for k, v in totals.items()}
+    return dict(zip(keys, (totals / count).tolist()))
 
 
 def _average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
