@@ -386,7 +386,7 @@ def _train(cfg: GymDQNConfig, resume: str | None, info: DistInfo) -> Path:
           f"{per_round} steps + {d.gradient_steps} gradient steps, "
           f"{sum(x.numel() for x in agent.q.parameters()):,} parameters", flush=True)
     run.restart(start)
-    bar = ProgressBar(rounds, enabled=cfg.progress, start=start, description=cfg.env.id)
+    bar = ProgressBar(rounds, enabled=cfg.progress, start=start, description=cfg.env.id, unit="env steps")
     train_seconds = float(state.get("train_seconds", 0.0))
     gradient_steps = int(state.get("gradient_steps", 0))
     reached = state.get("reached_target")

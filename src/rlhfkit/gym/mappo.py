@@ -391,7 +391,7 @@ def _train(cfg: GymMAPPOConfig, resume: str | None, info: DistInfo) -> Path:
                  f"{cfg.env.num_envs} envs x {info.world_size} process(es), {updates} updates of {per_update} steps, "
                  f"{sum(x.numel() for x in agent.parameters()):,} parameters")
     run.restart(start)
-    bar = ProgressBar(updates, enabled=cfg.progress and info.is_main, start=start, description=cfg.env.id)
+    bar = ProgressBar(updates, enabled=cfg.progress and info.is_main, start=start, description=cfg.env.id, unit="env steps")
     train_seconds = float(state.get("train_seconds", 0.0))
     reached = state.get("reached_target")
     every = cfg.eval.every

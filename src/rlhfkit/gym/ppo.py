@@ -256,7 +256,7 @@ def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
     print0(info, f"{cfg.env.id}: {cfg.env.num_envs} envs x {info.world_size} process(es), {updates} updates of "
                  f"{per_update} steps, {sum(x.numel() for x in agent.parameters()):,} parameters")
     run.restart(start)
-    bar = ProgressBar(updates, enabled=cfg.progress and info.is_main, start=start, description=cfg.env.id)
+    bar = ProgressBar(updates, enabled=cfg.progress and info.is_main, start=start, description=cfg.env.id, unit="env steps")
     train_seconds = float(state.get("train_seconds", 0.0))
     reached = state.get("reached_target")
     last_eval = (start * per_update) // cfg.eval.every if cfg.eval.every else 0  # evaluations already due

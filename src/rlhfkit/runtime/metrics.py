@@ -81,10 +81,11 @@ class MetricsLogger:
 
 
 class ProgressBar:
-    """Steps, tokens/s, last loss and ETA. Silent when disabled (non-zero ranks, progress=false)."""
+    """Steps, throughput (tokens/s, or another `unit`), last loss and ETA. Silent when disabled
+    (non-zero ranks, progress=false)."""
 
-    def __init__(self, total: int, *, enabled: bool, start: int = 0, description: str = "train"):
-        self.enabled = enabled
+    def __init__(self, total: int, *, enabled: bool, start: int = 0, description: str = "train", unit: str = "tok"):
+        self.enabled, self.unit = enabled, unit
         self.tokens = 0
         self.seconds = 0.0
         if not enabled:
@@ -109,7 +110,7 @@ class ProgressBar:
         if self.progress is None:
             return
         rate = self.tokens / max(self.seconds, 1e-9)
-        self.progress.update(self.task, advance=steps, info=f"{rate:,.0f} tok/s  {info}")
+        self.progress.update(self.task, advance=steps, info=f"{rate:,.0f} {self.unit}/s  {info}")
 
     def close(self) -> None:
         if self.progress is not None:
