@@ -18,8 +18,9 @@ from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TASKS = {
-    # name: (config, step budget, threshold, eval every)
+    # name: (config, step budget, threshold, eval every); "-dqn" tasks run `rlhfkit gym dqn` (no config = defaults)
     "cartpole": ("gym_cartpole_ppo.yaml", 50_000, 475.0, 5_000),
+    "cartpole-dqn": ("", 100_000, 475.0, 5_000),
     "acrobot": ("gym_acrobot_ppo.yaml", 200_000, -100.0, 20_000),
     "pendulum": ("gym_pendulum_ppo.yaml", 200_000, -200.0, 20_000),
 }
@@ -27,14 +28,15 @@ TASKS = {
 
 def run(task: str, seed: int, out: Path) -> dict:
     from rlhfkit.config import load_config
-    from rlhfkit.gym.ppo import GymPPOConfig, train
+    from rlhfkit.gym import dqn, ppo
 
     config, budget, threshold, every = TASKS[task]
-    cfg = load_config(GymPPOConfig, CONFIGS / config, [
+    recipe, cls, section = (dqn, dqn.GymDQNConfig, "dqn") if task.endswith("-dqn") else (ppo, ppo.GymPPOConfig, "ppo")
+    cfg = load_config(cls, CONFIGS / config if config else None, [
         f"seed={seed}", f"output_dir={out}", "overwrite=true", "progress=false", "tensorboard=false",
-        f"ppo.total_steps={budget}", f"eval.every={every}", "eval.episodes=20", f"eval.target_return={threshold}",
+        f"{section}.total_steps={budget}", f"eval.every={every}", "eval.episodes=20", f"eval.target_return={threshold}",
         "eval.stop_at_target=false"])
-    train(cfg)
+    recipe.train(cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/return" in r]
     hit = next((r for r in rows if "eval/target_reached_steps" in r), None)
