@@ -66,6 +66,35 @@ def check_spaces(env: gym.Env, env_id: str) -> None:
         raise ConfigError("env.id", f"'{env_id}' has action space {act}; expected Discrete or a flat Box")
 
 
+@dataclass
+class GymEvalConfig:
+    every: int = opt(10_000, "evaluate every N environment steps (and at the end); 0 = only at the end", ge=0)
+    episodes: int = opt(20, "episodes per evaluation (deterministic policy)", gt=0)
+    target_return: float | None = opt(None, "report when the eval mean return first reaches this")
+    stop_at_target: bool = opt(False, "stop training once target_return is reached")
+
+
+@dataclass
+class GymRunConfig:
+    """The run-level options every control-task recipe has (each recipe adds its env, net, algorithm
+    and eval sections, and may redeclare a field to change its default or help)."""
+
+    output_dir: str = opt("runs/gym", "run folder: config, metrics, checkpoints, agent")
+    overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
+    seed: int = opt(1, "seed for the networks, the environments and sampling")
+    device: str = opt("cpu", "cpu or cuda (small MLPs are fastest on cpu)")
+    threads: int = opt(1, "torch CPU threads (small networks: 1 is fastest)", gt=0)
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(True, "write TensorBoard logs")
+    log_every: int = opt(1, "log metrics every N updates", gt=0)
+    save_every: int = opt(0, "checkpoint every N updates (environments restart their episodes there); 0 = end only", ge=0)
+    save_total_limit: int = opt(2, "checkpoints to keep; 0 = all", ge=0)
+
+    def validate(self) -> None:
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir", "expected a folder path for the run")
+
+
 # --------------------------------------------------------------------------------------------------
 # Running statistics
 
@@ -260,17 +289,17 @@ class GymSession:
 
 
 def open_gym_session(cfg: Any, agent: SavableAgent, *, lr: float, adam_eps: float, anneal_lr: bool, updates: int,
-                     resume: str | None, info: DistInfo) -> GymSession:
-    """Adam (+ linear decay to 0 over `updates` when asked), the run folder, and on resume the weights,
-    optimizer, schedule and this rank's RNG state of the checkpoint. Seeds sampling per rank after the
-    (rank-independent) network init."""
+                     resume: str | None, info: DistInfo, params: Any = None) -> GymSession:
+    """Adam over `params` (default: all of the agent's) with linear decay to 0 over `updates` when asked,
+    the run folder, and on resume the weights, optimizer, schedule and this rank's RNG state of the
+    checkpoint. Seeds sampling per rank after the (rank-independent) network init."""
     from rlhfkit.runtime.checkpoint import find_checkpoint, load_checkpoint
     from rlhfkit.runtime.distributed import print0
     from rlhfkit.runtime.loop import prepare_run_dir
     from rlhfkit.runtime.metrics import MetricsLogger
     from rlhfkit.runtime.seeding import seed_everything, set_rng_state
 
-    optimizer = make_adam(agent.parameters(), lr, adam_eps)
+    optimizer = make_adam(agent.parameters() if params is None else params, lr, adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / updates) if anneal_lr else 1.0)
     run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
     seed_everything(cfg.seed + 7919 * info.rank)  # sampling differs per rank
@@ -287,6 +316,72 @@ def open_gym_session(cfg: Any, agent: SavableAgent, *, lr: float, adam_eps: floa
     logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
                            resume_step=start if resume is not None else None)
     return GymSession(optimizer, scheduler, run_dir, updates, start, state, logger)
+
+
+def save_gym_checkpoint(session: GymSession, update: int, agent: SavableAgent, state: dict[str, Any], keep: int,
+                        info: DistInfo) -> None:
+    """Checkpoint from rank 0 after collecting every rank's RNG state (all ranks call this)."""
+    from rlhfkit.runtime.checkpoint import save_checkpoint
+    from rlhfkit.runtime.distributed import barrier
+    from rlhfkit.runtime.loop import gather_rng
+
+    rng = gather_rng(info)
+    if info.is_main:
+        save_checkpoint(session.run_dir, update, model=agent, optimizer=session.optimizer, scheduler=session.scheduler,
+                        rng=rng, state=state, keep=keep)
+    barrier(info)
+
+
+class UpdateLoop:
+    """The bookkeeping after each update that the gym recipes share: metrics and progress, evaluation
+    every `eval.every` environment steps (and at the end) with target-return tracking, and checkpoints,
+    after which the environments restart their episodes (what makes resume exact)."""
+
+    def __init__(self, cfg: Any, session: GymSession, info: DistInfo, *, steps_done: int):
+        from rlhfkit.runtime.metrics import ProgressBar
+
+        self.cfg, self.session, self.info = cfg, session, info
+        self.train_seconds = float(session.state.get("train_seconds", 0.0))
+        self.reached = session.state.get("reached_target")
+        self.last_eval = steps_done // cfg.eval.every if cfg.eval.every else 0  # evaluations already done
+        self.bar = ProgressBar(session.updates, enabled=cfg.progress and info.is_main, start=session.start,
+                               description=cfg.env.id, unit="env steps")
+
+    def end_update(self, update: int, *, steps: int, new_steps: int, elapsed: float, stats: dict[str, float],
+                   evaluate: Any, agent: SavableAgent, extra_state: Any, restart: Any) -> bool:
+        """Record update `update` (`steps` environment steps so far, `new_steps` of them in this update,
+        `elapsed` seconds); returns True when the run should stop (target reached with stop_at_target)."""
+        from rlhfkit.runtime.distributed import print0
+
+        cfg, logger, last = self.cfg, self.session.logger, update == self.session.updates
+        self.train_seconds += elapsed
+        stats.update({"time/sps": new_steps / elapsed, "time/train_seconds": self.train_seconds,
+                      "env_steps": float(steps)})
+        if update % cfg.log_every == 0 or last:
+            logger.log(update, stats)
+        self.bar.update(1, new_steps, elapsed, f"return {stats.get('episode/return', float('nan')):.1f}")
+        every = cfg.eval.every
+        if (every and steps // every > self.last_eval) or last:
+            self.last_eval = steps // every if every else self.last_eval
+            m = evaluate()
+            logger.log(update, {**m, "env_steps": float(steps), "time/train_seconds": self.train_seconds})
+            target = cfg.eval.target_return
+            if target is not None and self.reached is None and m["eval/return"] >= target:
+                self.reached = {"env_steps": steps, "train_seconds": self.train_seconds, "update": update}
+                print0(self.info, f"reached eval return {m['eval/return']:.1f} >= {target} after {steps} steps, "
+                                  f"{self.train_seconds:.1f} s of training")
+                logger.log(update, {"eval/target_reached_steps": float(steps),
+                                    "eval/target_reached_seconds": self.train_seconds})
+        stop = self.reached is not None and cfg.eval.stop_at_target
+        if (cfg.save_every and update % cfg.save_every == 0) or last or stop:
+            state = {**extra_state(), "train_seconds": self.train_seconds, "reached_target": self.reached}
+            save_gym_checkpoint(self.session, update, agent, state, cfg.save_total_limit, self.info)
+            if not last:
+                restart(update)
+        return stop
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def layer_init(layer: torch.nn.Linear, gain: float, ortho: bool) -> torch.nn.Linear:

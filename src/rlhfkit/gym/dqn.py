@@ -41,18 +41,17 @@ from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.gym.common import (
     EnvConfig,
     EpisodeTracker,
+    GymEvalConfig,
+    GymRunConfig,
     SavableAgent,
+    UpdateLoop,
     evaluate_policy,
-    make_adam,
     make_env,
     make_vector_env,
     mlp,
+    open_gym_session,
 )
-from rlhfkit.gym.ppo import GymEvalConfig, _save
-from rlhfkit.runtime.checkpoint import find_checkpoint, load_checkpoint
 from rlhfkit.runtime.distributed import DistInfo
-from rlhfkit.runtime.loop import prepare_run_dir
-from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
 from rlhfkit.runtime.seeding import seed_everything, set_rng_state
 
 
@@ -86,25 +85,18 @@ class GymDQNAlgo:
 
 
 @dataclass
-class GymDQNConfig:
+class GymDQNConfig(GymRunConfig):
     output_dir: str = opt("runs/gym-dqn", "run folder: config, metrics, checkpoints, agent")
-    overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
     seed: int = opt(1, "seed for the network, the environments, exploration and sampling")
-    device: str = opt("cpu", "cpu or cuda (small MLPs are fastest on cpu)")
-    threads: int = opt(1, "torch CPU threads (small networks: 1 is fastest)", gt=0)
-    progress: bool = opt(True, "show a progress bar")
-    tensorboard: bool = opt(True, "write TensorBoard logs")
     log_every: int = opt(1, "log metrics every N rounds (a round = dqn.train_freq env steps + its gradient steps)", gt=0)
     save_every: int = opt(0, "checkpoint every N rounds (environments restart their episodes there); 0 = end only", ge=0)
-    save_total_limit: int = opt(2, "checkpoints to keep; 0 = all", ge=0)
     env: EnvConfig = opt(EnvConfig(num_envs=1), "environment (discrete actions; one env by default)")
     net: DQNNetConfig = section(DQNNetConfig, "Q network")
     dqn: GymDQNAlgo = section(GymDQNAlgo, "DQN")
     eval: GymEvalConfig = section(GymEvalConfig, "evaluation (greedy policy)")
 
     def validate(self) -> None:
-        if not self.output_dir.strip():
-            raise ConfigError("output_dir", "expected a folder path for the run")
+        super().validate()
         if self.dqn.batch_size > self.dqn.buffer_size:
             raise ConfigError("dqn.batch_size", f"{self.dqn.batch_size} exceeds dqn.buffer_size {self.dqn.buffer_size}")
         if self.dqn.exploration_final_eps > self.dqn.exploration_initial_eps:
@@ -360,37 +352,34 @@ def _train(cfg: GymDQNConfig, resume: str | None, info: DistInfo) -> Path:
     run = _Run(cfg, n_actions, device)
     agent = QAgent(run.obs_dim, n_actions, dict(cfg.net.__dict__)).to(device)
     agent.context = {"env": dict(cfg.env.__dict__), "exploration_final_eps": d.exploration_final_eps}
-    optimizer = make_adam(agent.q.parameters(), d.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant; kept for the checkpoint format
     vec_steps = max(1, -(-d.train_freq // cfg.env.num_envs))
     per_round = vec_steps * cfg.env.num_envs
     rounds = max(1, d.total_steps // per_round)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
-    start, state = 0, {}
-    if resume is not None:
-        folder = find_checkpoint(run_dir, resume)
-        state = load_checkpoint(folder)
-        agent.load_checkpoint_weights(folder / "model")
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    # A constant schedule: DQN keeps its learning rate; the scheduler only fits the checkpoint format.
+    session = open_gym_session(cfg, agent, lr=d.lr, adam_eps=1e-8, anneal_lr=False, updates=rounds, resume=resume,
+                               info=info, params=agent.q.parameters())
+    optimizer, start, state = session.optimizer, session.start, session.state
+    if state:
         run.env_steps, run.target_updates = int(state["env_steps"]), int(state["target_updates"])
         refill = min(d.refill_steps or d.learning_starts, run.env_steps, d.buffer_size)
         run.restart(start)
         run.collect(agent, -(-refill // cfg.env.num_envs), count=False)
         set_rng_state(state["rng"][0])  # from here on: the uninterrupted run's randomness, new buffer contents
-        print(f"resumed from {folder} at round {start}/{rounds} ({run.env_steps} env steps); replay buffer "
-              f"refilled with {len(run.buffer)} transitions (resume is not bit-exact)", flush=True)
-    logger = MetricsLogger(run_dir, enabled=True, tensorboard=cfg.tensorboard,
-                           resume_step=start if resume is not None else None)
+        print(f"replay buffer refilled with {len(run.buffer)} transitions at {run.env_steps} env steps "
+              "(DQN resume is not bit-exact)", flush=True)
     print(f"{cfg.env.id}: DQN{' (double)' if d.double_dqn else ''}, {cfg.env.num_envs} env(s), {rounds} rounds of "
           f"{per_round} steps + {d.gradient_steps} gradient steps, "
           f"{sum(x.numel() for x in agent.q.parameters()):,} parameters", flush=True)
     run.restart(start)
-    bar = ProgressBar(rounds, enabled=cfg.progress, start=start, description=cfg.env.id, unit="env steps")
-    train_seconds = float(state.get("train_seconds", 0.0))
+    loop = UpdateLoop(cfg, session, info, steps_done=run.env_steps)
     gradient_steps = int(state.get("gradient_steps", 0))
-    reached = state.get("reached_target")
-    last_eval = run.env_steps // cfg.eval.every if cfg.eval.every else -1
+
+    def evaluate() -> dict[str, float]:
+        agent.eval()
+        m = evaluate_policy(agent.act, cfg.env, episodes=cfg.eval.episodes, seed=cfg.seed + 100_000)
+        agent.train()
+        return m
+
     for round_ in range(start + 1, rounds + 1):
         t0 = time.perf_counter()
         run.collect(agent, vec_steps)
@@ -399,42 +388,18 @@ def _train(cfg: GymDQNConfig, resume: str | None, info: DistInfo) -> Path:
             stats.update(_optimize(agent, optimizer, run.buffer, d, device))
             gradient_steps += d.gradient_steps
         elapsed = time.perf_counter() - t0
-        train_seconds += elapsed
-        steps = run.env_steps
         stats.update(run.episodes.drain(info))
-        stats.update({"train/epsilon": run.exploration_eps(),
-                      "train/gradient_steps": float(gradient_steps), "train/target_updates": float(run.target_updates),
-                      "buffer/size": float(len(run.buffer)), "time/sps": per_round / elapsed,
-                      "time/train_seconds": train_seconds, "env_steps": float(steps)})
-        if round_ % cfg.log_every == 0 or round_ == rounds:
-            logger.log(round_, stats)
-        bar.update(1, per_round, elapsed, f"return {stats.get('episode/return', float('nan')):.1f}")
-        due = cfg.eval.every and steps // cfg.eval.every > last_eval
-        if due or round_ == rounds:
-            last_eval = steps // cfg.eval.every if cfg.eval.every else last_eval
-            agent.eval()
-            m = evaluate_policy(agent.act, cfg.env, episodes=cfg.eval.episodes, seed=cfg.seed + 100_000)
-            agent.train()
-            logger.log(round_, {**m, "env_steps": float(steps), "time/train_seconds": train_seconds})
-            if cfg.eval.target_return is not None and reached is None and m["eval/return"] >= cfg.eval.target_return:
-                reached = {"env_steps": steps, "train_seconds": train_seconds, "update": round_}
-                print(f"reached eval return {m['eval/return']:.1f} >= {cfg.eval.target_return} after {steps} "
-                      f"steps, {train_seconds:.1f} s of training", flush=True)
-                logger.log(round_, {"eval/target_reached_steps": float(steps),
-                                    "eval/target_reached_seconds": train_seconds})
-        stop = reached is not None and cfg.eval.stop_at_target
-        if (cfg.save_every and round_ % cfg.save_every == 0) or round_ == rounds or stop:
-            extra = {"env_steps": run.env_steps, "gradient_steps": gradient_steps, "target_updates": run.target_updates,
-                     "train_seconds": train_seconds, "reached_target": reached}
-            _save(run_dir, round_, agent, optimizer, scheduler, extra, cfg.save_total_limit, info)
-            if round_ != rounds:
-                run.restart(round_)
+        stats.update({"train/epsilon": run.exploration_eps(), "train/gradient_steps": float(gradient_steps),
+                      "train/target_updates": float(run.target_updates), "buffer/size": float(len(run.buffer))})
+        extra = {"env_steps": run.env_steps, "gradient_steps": gradient_steps, "target_updates": run.target_updates}
+        stop = loop.end_update(round_, steps=run.env_steps, new_steps=per_round, elapsed=elapsed, stats=stats,
+                               evaluate=evaluate, agent=agent, extra_state=lambda e=extra: e, restart=run.restart)
         if stop:
             break
-    bar.close()
-    logger.close()
+    loop.close()
+    session.logger.close()
     run.envs.close()
-    out = run_dir / "agent"
+    out = session.run_dir / "agent"
     agent.save_pretrained(str(out))
     print(f"saved agent to {out}", flush=True)
     return out

@@ -48,12 +48,20 @@ import torch
 
 from rlhfkit.config import opt, section
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.gym.common import EpisodeTracker, RunningMeanStd, SavableAgent, mlp, open_gym_session
-from rlhfkit.gym.ppo import Batch, GymEvalConfig, _optimize, _save, param_divergence
+from rlhfkit.gym.common import (
+    EpisodeTracker,
+    GymEvalConfig,
+    GymRunConfig,
+    RunningMeanStd,
+    SavableAgent,
+    UpdateLoop,
+    mlp,
+    open_gym_session,
+)
+from rlhfkit.gym.ppo import Batch, PPOUpdateConfig, param_divergence, ppo_update
 from rlhfkit.losses.ppo import explained_variance
 from rlhfkit.rl.advantages import gae
 from rlhfkit.runtime.distributed import DistInfo, barrier, broadcast_object, print0, run_on_ranks
-from rlhfkit.runtime.metrics import ProgressBar
 from rlhfkit.runtime.seeding import seed_everything
 
 
@@ -74,49 +82,30 @@ class MANetConfig:
 
 
 @dataclass
-class GymMAPPOAlgo:
+class GymMAPPOAlgo(PPOUpdateConfig):
+    total_steps: int = opt(300_000, "environment steps over all envs and processes (one step = all agents act once)", gt=0)
+    n_steps: int = opt(100, "steps per environment per update", gt=0)
+    minibatches: int = opt(1, "minibatches per pass (the rollout holds num_envs * n_steps * n_agents samples)", gt=0)
+    lr: float = opt(7e-4, "Adam learning rate", gt=0.0)
+    clip_range_vf: float = opt(0.0, "value clipping around the rollout values (normalized units); 0 = off", ge=0.0)
+    ent_coef: float = opt(0.01, "entropy bonus weight", ge=0.0)
+    max_grad_norm: float = opt(10.0, "global gradient-norm clip; 0 = off", ge=0.0)
     critic: Literal["centralized", "independent"] = opt(
         "centralized", "centralized: value of the global state + agent id (MAPPO); independent: of the local observation (IPPO)")
     agent_id_feature: bool = opt(True, "append a one-hot agent id to the policy and value inputs")
     value_norm: bool = opt(True, "value net predicts returns normalized by their running mean/std")
-    total_steps: int = opt(300_000, "environment steps over all envs and processes (one step = all agents act once)", gt=0)
-    n_steps: int = opt(100, "steps per environment per update", gt=0)
-    epochs: int = opt(10, "passes over each rollout", gt=0)
-    minibatches: int = opt(1, "minibatches per pass (the rollout holds num_envs * n_steps * n_agents samples)", gt=0)
-    lr: float = opt(7e-4, "Adam learning rate", gt=0.0)
-    anneal_lr: bool = opt(True, "decay the learning rate linearly to 0 over the run")
-    adam_eps: float = opt(1e-5, "Adam epsilon", gt=0.0)
-    gamma: float = opt(0.99, "discount", ge=0.0, le=1.0)
-    lam: float = opt(0.95, "GAE lambda", ge=0.0, le=1.0)
-    clip_range: float = opt(0.2, "ratio clipping epsilon", gt=0.0)
-    clip_range_vf: float = opt(0.0, "value clipping around the rollout values (normalized units); 0 = off", ge=0.0)
-    ent_coef: float = opt(0.01, "entropy bonus weight", ge=0.0)
-    vf_coef: float = opt(0.5, "value-loss weight", ge=0.0)
-    max_grad_norm: float = opt(10.0, "global gradient-norm clip; 0 = off", ge=0.0)
-    norm_adv: bool = opt(True, "normalize advantages per minibatch")
-    target_kl: float = opt(0.0, "stop the epochs of an update once approx KL exceeds this; 0 = never", ge=0.0)
 
 
 @dataclass
-class GymMAPPOConfig:
+class GymMAPPOConfig(GymRunConfig):
     output_dir: str = opt("runs/gym-mappo", "run folder: config, metrics, checkpoints, agent")
-    overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
-    seed: int = opt(1, "seed for the networks, the environments and sampling")
-    device: str = opt("cpu", "cpu or cuda (small MLPs are fastest on cpu)")
-    threads: int = opt(1, "torch CPU threads (small networks: 1 is fastest)", gt=0)
-    progress: bool = opt(True, "show a progress bar")
-    tensorboard: bool = opt(True, "write TensorBoard logs")
-    log_every: int = opt(1, "log metrics every N updates", gt=0)
-    save_every: int = opt(0, "checkpoint every N updates (environments restart their episodes there); 0 = end only", ge=0)
-    save_total_limit: int = opt(2, "checkpoints to keep; 0 = all", ge=0)
     env: ParallelEnvConfig = section(ParallelEnvConfig, "PettingZoo parallel environment")
     net: MANetConfig = section(MANetConfig, "networks")
     mappo: GymMAPPOAlgo = section(GymMAPPOAlgo, "MAPPO / IPPO")
     eval: GymEvalConfig = section(GymEvalConfig, "evaluation (deterministic policy, team return)")
 
     def validate(self) -> None:
-        if not self.output_dir.strip():
-            raise ConfigError("output_dir", "expected a folder path for the run")
+        super().validate()
         if ":" not in self.env.id:
             raise ConfigError("env.id", f"expected 'module:function' (e.g. mpe2.simple_spread_v3:parallel_env), got '{self.env.id}'")
         batch = self.env.num_envs * self.mappo.n_steps
@@ -384,52 +373,27 @@ def _train(cfg: GymMAPPOConfig, resume: str | None, info: DistInfo) -> Path:
     session = open_gym_session(cfg, agent, lr=p.lr, adam_eps=p.adam_eps, anneal_lr=p.anneal_lr, updates=updates,
                                resume=resume, info=info)
     optimizer, scheduler, run_dir, logger = session.optimizer, session.scheduler, session.run_dir, session.logger
-    start, state = session.start, session.state
+    start = session.start
     if session.state:
         vnorm.load_state_dict(session.state["value_norm"])
     print0(info, f"{cfg.env.id}: {len(run.spec.agents)} agents, {p.critic} critic (input {f.critic_dim}), "
                  f"{cfg.env.num_envs} envs x {info.world_size} process(es), {updates} updates of {per_update} steps, "
                  f"{sum(x.numel() for x in agent.parameters()):,} parameters")
     run.restart(start)
-    bar = ProgressBar(updates, enabled=cfg.progress and info.is_main, start=start, description=cfg.env.id, unit="env steps")
-    train_seconds = float(state.get("train_seconds", 0.0))
-    reached = state.get("reached_target")
-    every = cfg.eval.every
-    last_eval = start * per_update // every if every else -1
+    loop = UpdateLoop(cfg, session, info, steps_done=start * per_update)
     for update in range(start + 1, updates + 1):
         t0 = time.perf_counter()
         batch, stats = _collect(run, agent, vnorm, device)
-        stats.update(_optimize(agent, optimizer, batch, p, info))  # type: ignore[arg-type]
-        lr = scheduler.get_last_lr()[0]
+        stats.update(ppo_update(agent, optimizer, batch, p, info))
+        stats["train/lr"] = scheduler.get_last_lr()[0]
         scheduler.step()
-        elapsed = time.perf_counter() - t0
-        train_seconds += elapsed
-        steps = update * per_update
         stats.update(run.episodes.drain(info))
-        stats.update({"train/lr": lr, "time/sps": per_update / elapsed, "time/train_seconds": train_seconds,
-                      "env_steps": float(steps)})
-        if update % cfg.log_every == 0 or update == updates:
-            logger.log(update, stats)
-        bar.update(1, per_update, elapsed, f"return {stats.get('episode/return', float('nan')):.1f}")
-        due = every and steps // every > last_eval
-        if due or update == updates:
-            last_eval = steps // every if every else last_eval
-            m = _evaluate(cfg, agent, run, info)
-            logger.log(update, {**m, "env_steps": float(steps), "time/train_seconds": train_seconds})
-            if cfg.eval.target_return is not None and reached is None and m["eval/return"] >= cfg.eval.target_return:
-                reached = {"env_steps": steps, "train_seconds": train_seconds, "update": update}
-                print0(info, f"reached eval return {m['eval/return']:.2f} >= {cfg.eval.target_return} after {steps} "
-                             f"steps, {train_seconds:.1f} s of training")
-                logger.log(update, {"eval/target_reached_steps": float(steps), "eval/target_reached_seconds": train_seconds})
-        stop = reached is not None and cfg.eval.stop_at_target
-        if (cfg.save_every and update % cfg.save_every == 0) or update == updates or stop:
-            extra = {"value_norm": vnorm.state_dict(), "train_seconds": train_seconds, "reached_target": reached}
-            _save(run_dir, update, agent, optimizer, scheduler, extra, cfg.save_total_limit, info)
-            if update != updates:
-                run.restart(update)
+        stop = loop.end_update(update, steps=update * per_update, new_steps=per_update, elapsed=time.perf_counter() - t0,
+                               stats=stats, evaluate=lambda: _evaluate(cfg, agent, run, info), agent=agent,
+                               extra_state=lambda: {"value_norm": vnorm.state_dict()}, restart=run.restart)
         if stop:
             break
-    bar.close()
+    loop.close()
     if info.enabled:  # every rank applied the same averaged updates
         divergence = param_divergence(agent, info)
         logger.log(update, {"dist/param_divergence": divergence})

@@ -26,9 +26,12 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.gym.common import (
     EnvConfig,
     EpisodeTracker,
+    GymEvalConfig,
+    GymRunConfig,
     ObsNormalizer,
     RewardScaler,
     SavableAgent,
+    UpdateLoop,
     evaluate_policy,
     layer_init,
     make_env,
@@ -38,10 +41,7 @@ from rlhfkit.gym.common import (
 )
 from rlhfkit.losses.ppo import clipped_policy_loss, clipped_value_loss, explained_variance
 from rlhfkit.rl.advantages import gae
-from rlhfkit.runtime.checkpoint import save_checkpoint
 from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum, barrier, print0, run_on_ranks
-from rlhfkit.runtime.loop import gather_rng
-from rlhfkit.runtime.metrics import ProgressBar
 from rlhfkit.runtime.seeding import seed_everything
 
 
@@ -55,7 +55,9 @@ class NetConfig:
 
 
 @dataclass
-class GymPPOAlgo:
+class PPOUpdateConfig:
+    """PPO's rollout and update options, shared by `gym ppo` and `gym mappo` (which changes defaults)."""
+
     total_steps: int = opt(100_000, "environment steps over all envs and processes", gt=0)
     n_steps: int = opt(128, "steps per environment per update", gt=0)
     epochs: int = opt(10, "passes over each rollout", gt=0)
@@ -72,39 +74,25 @@ class GymPPOAlgo:
     max_grad_norm: float = opt(0.5, "global gradient-norm clip; 0 = off", ge=0.0)
     norm_adv: bool = opt(True, "normalize advantages per minibatch")
     target_kl: float = opt(0.0, "stop the epochs of an update once approx KL exceeds this; 0 = never", ge=0.0)
+
+
+@dataclass
+class GymPPOAlgo(PPOUpdateConfig):
     normalize_obs: bool = opt(False, "normalize observations with running mean/std (saved with the agent)")
     normalize_reward: bool = opt(False, "scale rewards by the running std of the discounted return")
     clip_obs: float = opt(10.0, "clip normalized observations to +-this", gt=0.0)
 
 
 @dataclass
-class GymEvalConfig:
-    every: int = opt(10_000, "evaluate every N environment steps (and at the end); 0 = only at the end", ge=0)
-    episodes: int = opt(20, "episodes per evaluation (deterministic policy)", gt=0)
-    target_return: float | None = opt(None, "report when the eval mean return first reaches this")
-    stop_at_target: bool = opt(False, "stop training once target_return is reached")
-
-
-@dataclass
-class GymPPOConfig:
+class GymPPOConfig(GymRunConfig):
     output_dir: str = opt("runs/gym-ppo", "run folder: config, metrics, checkpoints, agent")
-    overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
-    seed: int = opt(1, "seed for the network, the environments and sampling")
-    device: str = opt("cpu", "cpu or cuda (small MLPs are fastest on cpu)")
-    threads: int = opt(1, "torch CPU threads (small networks: 1 is fastest)", gt=0)
-    progress: bool = opt(True, "show a progress bar")
-    tensorboard: bool = opt(True, "write TensorBoard logs")
-    log_every: int = opt(1, "log metrics every N updates", gt=0)
-    save_every: int = opt(0, "checkpoint every N updates (environments restart their episodes there); 0 = end only", ge=0)
-    save_total_limit: int = opt(2, "checkpoints to keep; 0 = all", ge=0)
     env: EnvConfig = section(EnvConfig, "environment")
     net: NetConfig = section(NetConfig, "networks")
     ppo: GymPPOAlgo = section(GymPPOAlgo, "PPO")
     eval: GymEvalConfig = section(GymEvalConfig, "evaluation")
 
     def validate(self) -> None:
-        if not self.output_dir.strip():
-            raise ConfigError("output_dir", "expected a folder path for the run")
+        super().validate()
         batch = self.env.num_envs * self.ppo.n_steps
         if self.ppo.minibatches > batch:
             raise ConfigError("ppo.minibatches", f"{self.ppo.minibatches} minibatches for a rollout of {batch} steps")
@@ -250,50 +238,26 @@ def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
     session = open_gym_session(cfg, agent, lr=p.lr, adam_eps=p.adam_eps, anneal_lr=p.anneal_lr, updates=updates,
                                resume=resume, info=info)
     optimizer, scheduler, run_dir, logger = session.optimizer, session.scheduler, session.run_dir, session.logger
-    start, state = session.start, session.state
+    start = session.start
     if session.state:
         run.load_normalizers(session.state["normalizers"])
     print0(info, f"{cfg.env.id}: {cfg.env.num_envs} envs x {info.world_size} process(es), {updates} updates of "
                  f"{per_update} steps, {sum(x.numel() for x in agent.parameters()):,} parameters")
     run.restart(start)
-    bar = ProgressBar(updates, enabled=cfg.progress and info.is_main, start=start, description=cfg.env.id, unit="env steps")
-    train_seconds = float(state.get("train_seconds", 0.0))
-    reached = state.get("reached_target")
-    last_eval = (start * per_update) // cfg.eval.every if cfg.eval.every else 0  # evaluations already due
+    loop = UpdateLoop(cfg, session, info, steps_done=start * per_update)
     for update in range(start + 1, updates + 1):
         t0 = time.perf_counter()
         batch, stats = _collect(run, agent, device)
-        stats.update(_optimize(agent, optimizer, batch, p, info))
-        lr = scheduler.get_last_lr()[0]
+        stats.update(ppo_update(agent, optimizer, batch, p, info))
+        stats["train/lr"] = scheduler.get_last_lr()[0]
         scheduler.step()
-        elapsed = time.perf_counter() - t0
-        train_seconds += elapsed
-        steps = update * per_update
         stats.update(run.episodes.drain(info))
-        stats.update({"train/lr": lr, "time/sps": per_update / elapsed, "time/train_seconds": train_seconds,
-                      "env_steps": float(steps)})
-        if update % cfg.log_every == 0 or update == updates:
-            logger.log(update, stats)
-        bar.update(1, per_update, elapsed, f"return {stats.get('episode/return', float('nan')):.1f}")
-        due = cfg.eval.every and steps // cfg.eval.every > last_eval
-        if due or update == updates:
-            last_eval = steps // cfg.eval.every if cfg.eval.every else last_eval
-            m = _evaluate(cfg, agent, run, info)
-            logger.log(update, {**m, "env_steps": float(steps), "time/train_seconds": train_seconds})
-            if cfg.eval.target_return is not None and reached is None and m["eval/return"] >= cfg.eval.target_return:
-                reached = {"env_steps": steps, "train_seconds": train_seconds, "update": update}
-                print0(info, f"reached eval return {m['eval/return']:.1f} >= {cfg.eval.target_return} after {steps} "
-                             f"steps, {train_seconds:.1f} s of training")
-                logger.log(update, {"eval/target_reached_steps": float(steps), "eval/target_reached_seconds": train_seconds})
-        stop = reached is not None and cfg.eval.stop_at_target
-        if (cfg.save_every and update % cfg.save_every == 0) or update == updates or stop:
-            extra = {"normalizers": run.normalizer_state(), "train_seconds": train_seconds, "reached_target": reached}
-            _save(run_dir, update, agent, optimizer, scheduler, extra, cfg.save_total_limit, info)
-            if update != updates:
-                run.restart(update)
+        stop = loop.end_update(update, steps=update * per_update, new_steps=per_update, elapsed=time.perf_counter() - t0,
+                               stats=stats, evaluate=lambda: _evaluate(cfg, agent, run, info), agent=agent,
+                               extra_state=lambda: {"normalizers": run.normalizer_state()}, restart=run.restart)
         if stop:
             break
-    bar.close()
+    loop.close()
     if info.enabled:  # DD-PPO invariant: every rank applied the same averaged updates
         divergence = param_divergence(agent, info)
         logger.log(update, {"dist/param_divergence": divergence})
@@ -307,15 +271,6 @@ def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
         print(f"saved agent to {out}", flush=True)
     barrier(info)
     return out
-
-
-def _save(run_dir: Path, update: int, agent: ActorCritic, optimizer: Any, scheduler: Any, extra: dict[str, Any],
-          keep: int, info: DistInfo) -> None:
-    rng = gather_rng(info)
-    if info.is_main:
-        save_checkpoint(run_dir, update, model=agent, optimizer=optimizer, scheduler=scheduler, rng=rng,
-                        state=extra, keep=keep)
-    barrier(info)
 
 
 @dataclass
@@ -372,7 +327,7 @@ def _collect(run: _Run, agent: ActorCritic, device: torch.device) -> tuple[Batch
     return flat, {"train/explained_variance": explained_variance(val_buf.reshape(-1), ret.reshape(-1))}
 
 
-def _optimize(agent: ActorCritic, optimizer: torch.optim.Optimizer, b: Batch, p: GymPPOAlgo,
+def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, b: Batch, p: PPOUpdateConfig,
               info: DistInfo) -> dict[str, float]:
     n = b.obs.size(0)
     size = n // p.minibatches
