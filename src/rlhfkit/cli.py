@@ -66,106 +66,41 @@ def _load(cls: type, config: Optional[Path], overrides: list[str], print_config:
     return cfg
 
 
-@app.command(context_settings=RECIPE_CONTEXT)
-def sft(
-    ctx: typer.Context,
-    config: Optional[Path] = CONFIG_OPT,
-    print_config: bool = PRINT_OPT,
-    resume: Optional[str] = RESUME_OPT,
-) -> None:
-    """Supervised fine-tuning on prompt/completion or chat data. Overrides: key=value (dotted for sections)."""
-    from rlhfkit.recipes.sft import SFTConfig, train
+def _recipe(group: typer.Typer, name: str, target: str, doc: str) -> None:
+    """Register `rlhfkit [group] NAME --config F key=value ... [--print-config] [--resume [PATH]]` for the
+    recipe at `target` ('module:ConfigClass'; the module's `train(cfg, resume)` runs it)."""
 
-    cfg = _load(SFTConfig, config, list(ctx.args), print_config)
-    train(cfg, resume=resume)
+    @group.command(name, context_settings=RECIPE_CONTEXT, help=doc)
+    def command(
+        ctx: typer.Context,
+        config: Optional[Path] = CONFIG_OPT,
+        print_config: bool = PRINT_OPT,
+        resume: Optional[str] = RESUME_OPT,
+    ) -> None:
+        import importlib
 
-
-@app.command(context_settings=RECIPE_CONTEXT)
-def dpo(
-    ctx: typer.Context,
-    config: Optional[Path] = CONFIG_OPT,
-    print_config: bool = PRINT_OPT,
-    resume: Optional[str] = RESUME_OPT,
-) -> None:
-    """Direct Preference Optimization on prompt/chosen/rejected pairs (sigmoid, IPO, hinge, conservative)."""
-    from rlhfkit.recipes.dpo import DPOConfig, train
-
-    cfg = _load(DPOConfig, config, list(ctx.args), print_config)
-    train(cfg, resume=resume)
+        module_name, cls_name = target.split(":")
+        module = importlib.import_module(module_name)  # imported on use: `rlhfkit --help` stays fast
+        cfg = _load(getattr(module, cls_name), config, list(ctx.args), print_config)
+        module.train(cfg, resume=resume)
 
 
-@app.command(context_settings=RECIPE_CONTEXT)
-def reward(
-    ctx: typer.Context,
-    config: Optional[Path] = CONFIG_OPT,
-    print_config: bool = PRINT_OPT,
-    resume: Optional[str] = RESUME_OPT,
-) -> None:
-    """Train a reward model: pairwise (Bradley-Terry), regression on ratings, or classification.
-
-    `rlhfkit reward score --model M --data F --output O` scores a file with a trained reward model.
-    """
-    from rlhfkit.recipes.reward import RewardConfig, train
-
-    cfg = _load(RewardConfig, config, list(ctx.args), print_config)
-    train(cfg, resume=resume)
-
-
-@app.command(context_settings=RECIPE_CONTEXT)
-def ppo(
-    ctx: typer.Context,
-    config: Optional[Path] = CONFIG_OPT,
-    print_config: bool = PRINT_OPT,
-    resume: Optional[str] = RESUME_OPT,
-) -> None:
-    """Online RL on prompts: PPO with a critic (ppo.advantage=gae), RLOO or GRPO, against reward models,
-    built-in scorers (sentiment, length) or your own module:function."""
-    from rlhfkit.recipes.ppo import PPOConfig, train
-
-    cfg = _load(PPOConfig, config, list(ctx.args), print_config)
-    train(cfg, resume=resume)
-
-
-@gym_app.command("ppo", context_settings=RECIPE_CONTEXT)
-def gym_ppo(
-    ctx: typer.Context,
-    config: Optional[Path] = CONFIG_OPT,
-    print_config: bool = PRINT_OPT,
-    resume: Optional[str] = RESUME_OPT,
-) -> None:
-    """PPO on a gymnasium environment (discrete or Box actions); under torchrun, DD-PPO across processes."""
-    from rlhfkit.gym.ppo import GymPPOConfig, train
-
-    cfg = _load(GymPPOConfig, config, list(ctx.args), print_config)
-    train(cfg, resume=resume)
-
-
-@gym_app.command("dqn", context_settings=RECIPE_CONTEXT)
-def gym_dqn(
-    ctx: typer.Context,
-    config: Optional[Path] = CONFIG_OPT,
-    print_config: bool = PRINT_OPT,
-    resume: Optional[str] = RESUME_OPT,
-) -> None:
-    """DQN (optionally Double DQN) on a discrete-action gymnasium environment."""
-    from rlhfkit.gym.dqn import GymDQNConfig, train
-
-    cfg = _load(GymDQNConfig, config, list(ctx.args), print_config)
-    train(cfg, resume=resume)
-
-
-@gym_app.command("mappo", context_settings=RECIPE_CONTEXT)
-def gym_mappo(
-    ctx: typer.Context,
-    config: Optional[Path] = CONFIG_OPT,
-    print_config: bool = PRINT_OPT,
-    resume: Optional[str] = RESUME_OPT,
-) -> None:
-    """Multi-agent PPO on a PettingZoo parallel environment (shared policy; centralized or independent critic)."""
-    from rlhfkit.gym.mappo import GymMAPPOConfig, train
-
-    cfg = _load(GymMAPPOConfig, config, list(ctx.args), print_config)
-    train(cfg, resume=resume)
+_recipe(app, "sft", "rlhfkit.recipes.sft:SFTConfig",
+        "Supervised fine-tuning on prompt/completion or chat data. Overrides: key=value (dotted for sections).")
+_recipe(app, "dpo", "rlhfkit.recipes.dpo:DPOConfig",
+        "Direct Preference Optimization on prompt/chosen/rejected pairs (sigmoid, IPO, hinge, conservative).")
+_recipe(app, "reward", "rlhfkit.recipes.reward:RewardConfig",
+        "Train a reward model: pairwise (Bradley-Terry), regression on ratings, or classification.\n\n"
+        "`rlhfkit reward score --model M --data F --output O` scores a file with a trained reward model.")
+_recipe(app, "ppo", "rlhfkit.recipes.ppo:PPOConfig",
+        "Online RL on prompts: PPO with a critic (ppo.advantage=gae), RLOO or GRPO, against reward models, "
+        "built-in scorers (sentiment, length) or your own module:function.")
+_recipe(gym_app, "ppo", "rlhfkit.gym.ppo:GymPPOConfig",
+        "PPO on a gymnasium environment (discrete or Box actions); under torchrun, DD-PPO across processes.")
+_recipe(gym_app, "dqn", "rlhfkit.gym.dqn:GymDQNConfig",
+        "DQN (optionally Double DQN) on a discrete-action gymnasium environment.")
+_recipe(gym_app, "mappo", "rlhfkit.gym.mappo:GymMAPPOConfig",
+        "Multi-agent PPO on a PettingZoo parallel environment (shared policy; centralized or independent critic).")
 
 
 @gym_app.command("eval")

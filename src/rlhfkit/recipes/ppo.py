@@ -238,17 +238,15 @@ class PolicyAndValue(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 response_len: int, with_values: bool = True, freeze_trunk_for_value: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        start = input_ids.size(1) - response_len - 1  # the position that predicts response token 0
-        hidden = _trunk(self.policy)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     use_cache=False).last_hidden_state[:, start:-1]
+        inputs = (input_ids, attention_mask, position_ids, response_len)
+        hidden = response_hidden(self.policy, *inputs)
         logits = _lm_head(self.policy)(hidden)
         values = None
         if with_values and self.value_head is not None:
             h = hidden.detach() if freeze_trunk_for_value else hidden  # critic warm-up: the shared trunk stays put
             values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
         elif with_values and self.value_model is not None:
-            h = _trunk(self.value_model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                         use_cache=False).last_hidden_state[:, start:-1]
+            h = response_hidden(self.value_model, *inputs)
             head = _base(self.value_model).score
             values = head(h.to(head.weight.dtype)).squeeze(-1).float()
         return logits, values
@@ -357,10 +355,20 @@ def reference_mode(policy: torch.nn.Module, ref_model: torch.nn.Module | None):
             yield policy
 
 
+def response_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor, response_len: int) -> torch.Tensor:
+    """Last hidden states at the positions that predict the response tokens: (B, response_len, H).
+
+    Position t of the result is the state before response token t (prompt + tokens < t), which is
+    where both the token's logit and the critic's value are read. The LM head is applied by the caller,
+    to these positions only."""
+    start = input_ids.size(1) - response_len - 1  # the position that predicts response token 0
+    return _trunk(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state[:, start:-1]
+
+
 def _response_logits(model: torch.nn.Module, r: Rollout) -> torch.Tensor:
-    start = r.prompt_ids.size(1) - 1
-    hidden = _trunk(model)(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=r.position_ids,
-                           use_cache=False).last_hidden_state[:, start:-1]
+    hidden = response_hidden(model, r.input_ids, r.attention_mask, r.position_ids, r.response_ids.size(1))
     return _lm_head(model)(hidden)
 
 
@@ -391,17 +399,18 @@ def score_rollout(cfg: PPOConfig, model: PolicyAndValue, ref_model: torch.nn.Mod
     device, temp, chunk = r.response_ids.device, cfg.rollout.temperature, cfg.ppo.logprob_chunk
     mask = r.response_mask.bool()
     old, ref, values = [], [], []
+    # A full policy forward runs anyway when there is a critic on the trunk; under autocast the cached
+    # decode and the full forward round differently, so the sampler's log-probs are kept only otherwise.
+    recompute = cfg.ppo.recompute_logprobs or amp is not None or model.has_value
     was = model.training
     model.eval()
     for idx in _chunks(r.response_ids.size(0), cfg.ppo.micro_batch_size or cfg.ppo.mini_batch_size):
         part = r.select(idx)
         targets = part.response_ids
         with autocast(device, amp):
-            recompute = cfg.ppo.recompute_logprobs or amp is not None or model.has_value
             if recompute:
                 logits, v = model(part.input_ids, part.attention_mask, part.position_ids, targets.size(1))
-                if recompute:
-                    old.append(selected_logprobs(logits, targets, temperature=temp, chunk_size=chunk))
+                old.append(selected_logprobs(logits, targets, temperature=temp, chunk_size=chunk))
                 if v is not None:
                     values.append(v)
                 del logits
