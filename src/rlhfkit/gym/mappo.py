@@ -57,7 +57,9 @@ from rlhfkit.gym.common import (
     UpdateLoop,
     mlp,
     open_gym_session,
+    sample_categorical,
 )
+from rlhfkit.gym.fastgrad import FlatParams, PPOGrad
 from rlhfkit.gym.ppo import Batch, PPOUpdateConfig, param_divergence, ppo_update
 from rlhfkit.losses.ppo import explained_variance
 from rlhfkit.rl.advantages import gae
@@ -258,8 +260,11 @@ class MAActorCritic(SavableAgent):
         return self.policy(x[..., : self.actor_dim]), self.value(x)
 
     def sample(self, out: torch.Tensor) -> torch.Tensor:
-        flat = out.reshape(-1, out.shape[-1])
-        return torch.multinomial(flat.exp(), 1).reshape(out.shape[:-1])
+        return sample_categorical(out)
+
+    def grad_parts(self) -> tuple[torch.nn.Sequential, torch.nn.Sequential, slice, slice]:
+        """For `rlhfkit.gym.fastgrad.PPOGrad`: the actor reads the first `actor_dim` input columns."""
+        return self.actor, self.critic, slice(None, self.actor_dim), slice(self.actor_dim, None)
 
     def log_prob(self, out: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return out.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
@@ -370,8 +375,10 @@ def _train(cfg: GymMAPPOConfig, resume: str | None, info: DistInfo) -> Path:
     vnorm = ValueNormalizer(p.value_norm)
     per_update = cfg.env.num_envs * p.n_steps * info.world_size
     updates = max(1, p.total_steps // per_update)
+    flat = FlatParams(agent)
+    fast = PPOGrad.build(agent, flat)
     session = open_gym_session(cfg, agent, lr=p.lr, adam_eps=p.adam_eps, anneal_lr=p.anneal_lr, updates=updates,
-                               resume=resume, info=info)
+                               resume=resume, info=info, params=[flat.param])
     optimizer, scheduler, run_dir, logger = session.optimizer, session.scheduler, session.run_dir, session.logger
     start = session.start
     if session.state:
@@ -384,7 +391,7 @@ def _train(cfg: GymMAPPOConfig, resume: str | None, info: DistInfo) -> Path:
     for update in range(start + 1, updates + 1):
         t0 = time.perf_counter()
         batch, stats = _collect(run, agent, vnorm, device)
-        stats.update(ppo_update(agent, optimizer, batch, p, info))
+        stats.update(ppo_update(agent, flat, optimizer, batch, p, info, fast))
         stats["train/lr"] = scheduler.get_last_lr()[0]
         scheduler.step()
         stats.update(run.episodes.drain(info))

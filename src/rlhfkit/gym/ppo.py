@@ -38,7 +38,9 @@ from rlhfkit.gym.common import (
     make_vector_env,
     mlp,
     open_gym_session,
+    sample_categorical,
 )
+from rlhfkit.gym.fastgrad import FlatParams, PPOGrad
 from rlhfkit.losses.ppo import clipped_policy_loss, clipped_value_loss, explained_variance
 from rlhfkit.rl.advantages import gae
 from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum, barrier, print0, run_on_ranks
@@ -148,8 +150,14 @@ class ActorCritic(SavableAgent):
 
     def sample(self, out: torch.Tensor) -> torch.Tensor:
         if self.action_kind == "discrete":
-            return torch.multinomial(out.exp(), 1).squeeze(-1)
+            return sample_categorical(out)
         return out + self.log_std.exp() * torch.randn_like(out)
+
+    def grad_parts(self) -> tuple[torch.nn.Sequential, torch.nn.Sequential, slice, slice] | None:
+        """What `rlhfkit.gym.fastgrad.PPOGrad` needs: actor and critic MLPs and their input columns."""
+        if self.net["shared"]:
+            return None
+        return self.actor, self.critic, slice(None), slice(None)  # type: ignore[return-value]
 
     def log_prob(self, out: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         if self.action_kind == "discrete":
@@ -235,8 +243,10 @@ def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
     p = cfg.ppo
     per_update = cfg.env.num_envs * p.n_steps * info.world_size
     updates = max(1, p.total_steps // per_update)
+    flat = FlatParams(agent)
+    fast = PPOGrad.build(agent, flat)
     session = open_gym_session(cfg, agent, lr=p.lr, adam_eps=p.adam_eps, anneal_lr=p.anneal_lr, updates=updates,
-                               resume=resume, info=info)
+                               resume=resume, info=info, params=[flat.param])
     optimizer, scheduler, run_dir, logger = session.optimizer, session.scheduler, session.run_dir, session.logger
     start = session.start
     if session.state:
@@ -247,8 +257,8 @@ def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
     loop = UpdateLoop(cfg, session, info, steps_done=start * per_update)
     for update in range(start + 1, updates + 1):
         t0 = time.perf_counter()
-        batch, stats = _collect(run, agent, device)
-        stats.update(ppo_update(agent, optimizer, batch, p, info))
+        batch, stats = _collect(run, agent, device, fast)
+        stats.update(ppo_update(agent, flat, optimizer, batch, p, info, fast))
         stats["train/lr"] = scheduler.get_last_lr()[0]
         scheduler.step()
         stats.update(run.episodes.drain(info))
@@ -284,86 +294,90 @@ class Batch:
 
 
 @torch.no_grad()
-def _collect(run: _Run, agent: ActorCritic, device: torch.device) -> tuple[Batch, dict[str, float]]:
-    """One rollout of n_steps x num_envs; GAE with truncation bootstrapping."""
+def _collect(run: _Run, agent: ActorCritic, device: torch.device,
+             fast: PPOGrad | None = None) -> tuple[Batch, dict[str, float]]:
+    """One rollout of n_steps x num_envs; GAE with truncation bootstrapping. The per-step bookkeeping
+    lives in numpy (a torch indexing op costs more than stepping a CartPole)."""
     cfg, info = run.cfg, run.info
     T, N = cfg.ppo.n_steps, cfg.env.num_envs
-    obs_buf = torch.zeros((T, N, run.obs_dim))
-    act_buf = torch.zeros((T, N, agent.action_dim)) if run.box else torch.zeros((T, N), dtype=torch.long)
-    logp_buf, rew_buf, val_buf = torch.zeros((T, N)), torch.zeros((T, N)), torch.zeros((T, N))
-    next_val, term_buf, end_buf = torch.zeros((T, N)), torch.zeros((T, N)), torch.zeros((T, N))
-    obs = torch.as_tensor(run.obs)
+    forward = fast.forward if fast is not None else agent
+    obs_buf = np.zeros((T, N, run.obs_dim), np.float32)
+    act_buf = np.zeros((T, N, agent.action_dim), np.float32) if run.box else np.zeros((T, N), np.int64)
+    logp_buf, rew_buf, val_buf = np.zeros((T, N), np.float32), np.zeros((T, N), np.float32), np.zeros((T, N), np.float32)
+    next_val, term_buf, end_buf = np.zeros((T, N), np.float32), np.zeros((T, N), np.float32), np.zeros((T, N), np.float32)
+    obs = run.obs
     for t in range(T):
-        d, value = agent(obs.to(device))
+        d, value = forward(torch.from_numpy(obs).to(device))
         action = agent.sample(d)
-        obs_buf[t], act_buf[t] = obs, action.cpu()
-        logp_buf[t], val_buf[t] = agent.log_prob(d, action).cpu(), value.cpu()
-        a = action.cpu().numpy()
+        obs_buf[t] = obs
+        act_buf[t] = a = action.cpu().numpy()
+        logp_buf[t], val_buf[t] = agent.log_prob(d, action).cpu().numpy(), value.cpu().numpy()
         if run.box:
             a = np.clip(a, run.low, run.high)
         raw_obs, reward, terminated, truncated, infos = run.envs.step(a)
         ended = np.logical_or(terminated, truncated)
         run.episodes.step(reward, ended)
-        rew_buf[t] = torch.as_tensor(run.rew_scale(np.asarray(reward, np.float64), ended, info))
-        term_buf[t] = torch.as_tensor(terminated, dtype=torch.float32)
-        end_buf[t] = torch.as_tensor(ended, dtype=torch.float32)
+        rew_buf[t] = run.rew_scale(np.asarray(reward, np.float64), ended, info)
+        term_buf[t], end_buf[t] = terminated, ended
         run.obs_norm.update(raw_obs, info)
-        obs = torch.as_tensor(run.obs_norm(raw_obs))
+        obs = run.obs_norm(raw_obs)
         if truncated.any():  # bootstrap from the real final observation, not the next episode's first
             idx = np.flatnonzero(truncated & ~terminated)
             if len(idx):
                 final = np.stack([infos["final_obs"][i] for i in idx])
-                next_val[t, idx] = agent.value(torch.as_tensor(run.obs_norm(final)).to(device)).cpu()
-    run.obs = obs.numpy()
-    last_value = agent.value(obs.to(device)).cpu()
+                next_val[t, idx] = forward(torch.from_numpy(run.obs_norm(final)).to(device))[1].cpu().numpy()
+    run.obs = obs
+    last_value = forward(torch.from_numpy(obs).to(device))[1].cpu()
+    values, rewards, terminal, ends = (torch.from_numpy(x) for x in (val_buf, rew_buf, term_buf, end_buf))
     # next_values[t]: V(obs after step t) = val[t+1] (or the last value), replaced by V(final obs) where
     # the episode was truncated at t (set above); terminated steps are not bootstrapped by gae itself.
-    shifted = torch.cat([val_buf[1:], last_value[None]], 0)
-    truncated_mask = (end_buf > 0) & (term_buf == 0)
-    next_values = torch.where(truncated_mask, next_val, shifted)
-    adv, ret = gae(rew_buf, val_buf, next_values, term_buf, end_buf, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
-    flat = Batch(obs_buf.reshape(T * N, -1), act_buf.reshape(T * N, *act_buf.shape[2:]), logp_buf.reshape(-1),
-                 adv.reshape(-1), ret.reshape(-1), val_buf.reshape(-1))
-    return flat, {"train/explained_variance": explained_variance(val_buf.reshape(-1), ret.reshape(-1))}
+    shifted = torch.cat([values[1:], last_value[None]], 0)
+    truncated_mask = (ends > 0) & (terminal == 0)
+    next_values = torch.where(truncated_mask, torch.from_numpy(next_val), shifted)
+    adv, ret = gae(rewards, values, next_values, terminal, ends, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
+    act = torch.from_numpy(act_buf)
+    flat = Batch(torch.from_numpy(obs_buf).reshape(T * N, -1), act.reshape(T * N, *act.shape[2:]),
+                 torch.from_numpy(logp_buf).reshape(-1), adv.reshape(-1), ret.reshape(-1), values.reshape(-1))
+    return flat, {"train/explained_variance": explained_variance(values.reshape(-1), ret.reshape(-1))}
 
 
-def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, b: Batch, p: PPOUpdateConfig,
-              info: DistInfo) -> dict[str, float]:
+def ppo_update(agent: Any, flat: FlatParams, optimizer: torch.optim.Optimizer, b: Batch, p: PPOUpdateConfig,
+               info: DistInfo, fast: PPOGrad | None = None) -> dict[str, float]:
+    """`p.epochs` passes of `p.minibatches` shuffled minibatches over the rollout `b`; the optimizer
+    steps `flat.param`. Gradients are hand-written (`fast`, see `rlhfkit.gym.fastgrad`) when the agent is
+    an actor MLP + critic MLP, else autograd through the agent's forward and the losses of
+    `rlhfkit.losses.ppo`. Under torchrun the gradient is averaged over ranks before each step."""
     n = b.obs.size(0)
     size = n // p.minibatches
-    device = next(agent.parameters()).device
+    device = flat.param.device
     keys = ("train/policy_loss", "train/value_loss", "train/entropy", "train/approx_kl", "train/clipfrac",
             "train/value_clipfrac", "train/grad_norm")
     totals = torch.zeros(len(keys))
     count = 0
-    params = [x for x in agent.parameters() if x.requires_grad]
     for _ in range(p.epochs):
         order = torch.randperm(n) if p.minibatches > 1 else None  # one minibatch: the whole rollout, no gather
         epoch_kl = torch.zeros(())
         for k in range(p.minibatches):
             idx = order[k * size : (k + 1) * size] if order is not None else slice(None)
             obs, actions = b.obs[idx].to(device), b.actions[idx].to(device)
-            d, values = agent(obs)
-            logp = agent.log_prob(d, actions)
             adv = b.advantages[idx].to(device)
             if p.norm_adv and adv.numel() > 1:
                 adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-            pg_loss, st = clipped_policy_loss(logp, b.logprobs[idx].to(device), adv, clip_range=p.clip_range)
-            v_loss, vclip = clipped_value_loss(values, b.values[idx].to(device), b.returns[idx].to(device),
-                                               clip_range=p.clip_range_vf or None)
-            entropy = agent.entropy(d).mean()
-            loss = pg_loss - p.ent_coef * entropy + p.vf_coef * v_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if info.enabled:
-                _average_gradients(params, info)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm or float("inf"))
+            old_logp, old_values, returns = b.logprobs[idx].to(device), b.values[idx].to(device), b.returns[idx].to(device)
+            if fast is not None:
+                st = fast.loss_and_grad(obs, actions, old_logp, adv, old_values, returns, clip_range=p.clip_range,
+                                        clip_range_vf=p.clip_range_vf, ent_coef=p.ent_coef, vf_coef=p.vf_coef)
+            else:
+                st = _autograd_loss_and_grad(agent, flat, obs, actions, old_logp, adv, old_values, returns, p)
+            if info.enabled:  # DD-PPO: every rank applies the same averaged gradient
+                dist.all_reduce(flat.grad)
+                flat.grad.div_(info.world_size)
+            grad_norm = flat.clip_grad_norm_(p.max_grad_norm)
             optimizer.step()
             # Statistics stay tensors until the end of the update: a .item() per minibatch costs a
             # quarter of a 64-unit network's whole update step on CPU.
-            totals += torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(), st["approx_kl"], st["clipfrac"],
-                                   vclip.detach().float(), grad_norm.detach()]).cpu()
-            epoch_kl += st["approx_kl"].cpu()
+            totals += torch.cat([st, grad_norm.detach().reshape(1)]).cpu()
+            epoch_kl += st[3].cpu()
             count += 1
         if p.target_kl:
             kl = all_reduce_sum(epoch_kl / p.minibatches, info).item() / info.world_size
@@ -372,17 +386,22 @@ def ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, b: Batch, p
     return dict(zip(keys, (totals / count).tolist()))
 
 
-def _average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
-    """Average gradients over ranks in one flat all-reduce (DD-PPO: every rank applies the same update)."""
-    grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= info.world_size
-    offset = 0
-    for x in params:
-        n = x.numel()
-        x.grad = flat[offset : offset + n].view_as(x).clone()
-        offset += n
+def _autograd_loss_and_grad(agent: Any, flat: FlatParams, obs: torch.Tensor, actions: torch.Tensor,
+                            old_logp: torch.Tensor, adv: torch.Tensor, old_values: torch.Tensor,
+                            returns: torch.Tensor, p: PPOUpdateConfig) -> torch.Tensor:
+    """The reference path: the loss of `PPOGrad.loss_and_grad`, differentiated by autograd."""
+    d, values = agent(obs)
+    logp = agent.log_prob(d, actions)
+    pg_loss, st = clipped_policy_loss(logp, old_logp, adv, clip_range=p.clip_range)
+    v_loss, vclip = clipped_value_loss(values, old_values, returns, clip_range=p.clip_range_vf or None)
+    entropy = agent.entropy(d).mean()
+    loss = pg_loss - p.ent_coef * entropy + p.vf_coef * v_loss
+    for x in flat.params:
+        x.grad = None
+    loss.backward()
+    flat.gather_grads()
+    return torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach(), st["approx_kl"], st["clipfrac"],
+                        vclip.detach().float()])
 
 
 def param_divergence(model: torch.nn.Module, info: DistInfo) -> float:
