@@ -72,6 +72,11 @@ def test_smoke_run_writes_metrics_and_agent(tmp_path: Path, critic: str) -> None
     again = evaluate_parallel(agent.act, ParallelEnvConfig(id=SPREAD, kwargs=_cfg(out).env.kwargs), episodes=2,
                               seed=1 + 100_000)
     assert again["eval/return"] == pytest.approx(evals[-1]["eval/return"], abs=1e-6)
+    # ... and so does `rlhfkit gym eval` (the env config travels in agent.json)
+    from rlhfkit.gym.evaluate import evaluate_saved
+
+    saved = evaluate_saved(str(agent_dir), episodes=2, seed=1 + 100_000)
+    assert saved["eval/return"] == pytest.approx(evals[-1]["eval/return"], abs=1e-6)
 
 
 def test_critic_input_sizes() -> None:

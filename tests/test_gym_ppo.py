@@ -4,6 +4,7 @@ saved-agent evaluation, and two processes under torchrun."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gymnasium as gym
@@ -207,3 +208,48 @@ def test_two_process_resume_continues_exactly(tmp_path: Path) -> None:
         for step in range(3, 7):
             assert again[step] == pytest.approx(values[step], abs=1e-6), (key, step)
     assert max(_losses(out, "dist/param_divergence").values()) == 0.0
+
+
+def _corrupt(folder: Path, how: str) -> None:
+    spec_path, weights = folder / "agent.json", folder / "model.safetensors"
+    spec = json.loads(spec_path.read_text())
+    if how == "json":
+        spec_path.write_text(spec_path.read_text()[:-5])
+    elif how == "type":
+        spec_path.write_text(json.dumps({**spec, "type": "sac"}))
+    elif how == "field":
+        spec_path.write_text(json.dumps({k: v for k, v in spec.items() if k != "obs_dim"}))
+    elif how == "shape":
+        spec_path.write_text(json.dumps({**spec, "net": {**spec["net"], "hidden": [32, 32]}}))
+    elif how == "no-weights":
+        weights.unlink()
+    elif how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif how == "env":
+        spec_path.write_text(json.dumps({k: v for k, v in spec.items() if k != "env"}))
+    elif how == "env-field":
+        spec_path.write_text(json.dumps({**spec, "env": {**spec["env"], "colour": "red"}}))
+
+
+@pytest.mark.parametrize("how,expect", [
+    ("json", r"agent.json: line \d+: not valid JSON"), ("type", "field 'type': unknown agent type 'sac'"),
+    ("field", "agent.json: missing field 'obs_dim'"), ("shape", "model.safetensors: cannot load the weights"),
+    ("no-weights", "no model.safetensors"), ("truncated", "model.safetensors: cannot load the weights"),
+    ("env", "names no environment"), ("env-field", "field 'env' does not describe an environment"),
+])
+def test_gym_eval_of_a_damaged_agent_folder_says_what_is_wrong(tmp_path: Path, how: str, expect: str) -> None:
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.gym.evaluate import evaluate_saved
+
+    agent = ActorCritic(4, "discrete", 2, {"hidden": [8, 8], "activation": "tanh", "shared": False,
+                                           "ortho_init": True, "log_std_init": 0.0})
+    agent.context = {"env": {"id": "CartPole-v1", "num_envs": 1, "vector": "sync", "max_episode_steps": 20,
+                             "kwargs": {}}}
+    agent.save_pretrained(str(tmp_path / "agent"))
+    assert evaluate_saved(str(tmp_path / "agent"), episodes=1, seed=0)["eval/length"] <= 20  # intact: works
+    _corrupt(tmp_path / "agent", how)
+    with pytest.raises(RlhfkitError, match=expect):
+        evaluate_saved(str(tmp_path / "agent"), episodes=1, seed=0)
+    if how == "json":  # and on the command line: exit code 2, no traceback
+        res = _cli("gym", "eval", str(tmp_path / "agent"), cwd=tmp_path)
+        assert res.returncode == 2 and re.search(expect, res.stderr) and "Traceback" not in res.stderr

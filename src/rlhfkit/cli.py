@@ -111,7 +111,7 @@ def gym_eval(
     gif: str = typer.Option("", "--gif", help="Save the first episode as an animated GIF here."),
     stochastic: bool = typer.Option(False, "--stochastic", help="Sample actions instead of the deterministic policy."),
 ) -> None:
-    """Run a saved PPO or DQN agent for N episodes and print the mean return."""
+    """Run a saved PPO, DQN or MAPPO agent for N episodes and print the mean return (team return for MAPPO)."""
     from rlhfkit.gym.evaluate import evaluate_saved
 
     m = evaluate_saved(agent, episodes=episodes, seed=seed, gif=gif, deterministic=not stochastic)

@@ -12,7 +12,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.gym.common import EnvConfig, ObsNormalizer, SavableAgent, evaluate_policy
 
 
-def _agent_class(kind: str) -> Any:
+def _agent_class(kind: str, path: Path) -> Any:
     if kind == "ppo":
         from rlhfkit.gym.ppo import ActorCritic
 
@@ -21,7 +21,21 @@ def _agent_class(kind: str) -> Any:
         from rlhfkit.gym.dqn import QAgent
 
         return QAgent
-    raise RlhfkitError(f"unknown agent type '{kind}' in agent.json (expected ppo or dqn)")
+    if kind == "mappo":
+        from rlhfkit.gym.mappo import MAActorCritic
+
+        return MAActorCritic
+    raise RlhfkitError(f"{path}: field 'type': unknown agent type {kind!r} (expected ppo, dqn or mappo)")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RlhfkitError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise RlhfkitError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def load_agent(folder: str | Path) -> tuple[SavableAgent, dict[str, Any], dict[str, Any] | None]:
@@ -32,30 +46,54 @@ def load_agent(folder: str | Path) -> tuple[SavableAgent, dict[str, Any], dict[s
     if not spec_path.is_file():
         raise RlhfkitError(f"{folder}: no agent.json; expected the agent/ folder of an `rlhfkit gym` run "
                            "or one of its checkpoints/step-N folders")
-    spec = json.loads(spec_path.read_text())
-    agent = _agent_class(spec.get("type", ""))
-    model = agent.from_spec(spec)
-    model.load_checkpoint_weights(model_dir)
+    spec = _read_json(spec_path)
+    agent = _agent_class(spec.get("type", ""), spec_path)
+    try:
+        model = agent.from_spec(spec)
+    except KeyError as exc:
+        raise RlhfkitError(f"{spec_path}: missing field {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise RlhfkitError(f"{spec_path}: a field has the wrong type or value ({exc})") from None
+    if not (model_dir / "model.safetensors").is_file():
+        raise RlhfkitError(f"{model_dir}: no model.safetensors next to agent.json")
+    try:
+        model.load_checkpoint_weights(model_dir)
+    except RlhfkitError:
+        raise
+    except Exception as exc:  # a truncated or foreign safetensors file, or shapes that differ from agent.json
+        raise RlhfkitError(f"{model_dir / 'model.safetensors'}: cannot load the weights: {exc}") from None
     norms = None
     if (model_dir / "normalizers.json").is_file():
-        norms = json.loads((model_dir / "normalizers.json").read_text())
+        norms = _read_json(model_dir / "normalizers.json")
     elif (folder / "state.json").is_file():
-        norms = json.loads((folder / "state.json").read_text()).get("normalizers")
+        norms = _read_json(folder / "state.json").get("normalizers")
     return model.eval(), spec, norms
+
+
+def _env_config(cls: Any, spec: dict[str, Any], folder: str) -> Any:
+    try:
+        return cls(**spec["env"])
+    except TypeError as exc:
+        raise RlhfkitError(f"{folder}: agent.json field 'env' does not describe an environment ({exc})") from None
 
 
 def evaluate_saved(folder: str, *, episodes: int, seed: int, gif: str = "", deterministic: bool = True
                    ) -> dict[str, float]:
     agent, spec, norms = load_agent(folder)
-    if "env" not in spec:
-        raise RlhfkitError(f"{folder}: agent.json names no environment")
-    env_cfg = EnvConfig(**spec["env"])
+    if not isinstance(spec.get("env"), dict):
+        raise RlhfkitError(f"{folder}: agent.json names no environment (field 'env')")
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        return agent.act(obs, deterministic=deterministic)  # type: ignore[operator]
+
+    if spec["type"] == "mappo":
+        from rlhfkit.gym.mappo import ParallelEnvConfig, evaluate_parallel
+
+        return evaluate_parallel(act, _env_config(ParallelEnvConfig, spec, folder), episodes=episodes, seed=seed,
+                                 agent_id_feature=bool(spec.get("agent_id_feature", True)), record=gif)
+    env_cfg = _env_config(EnvConfig, spec, folder)
     normalize = None
     if spec.get("normalize_obs") and norms is not None:
         normalize = ObsNormalizer(int(spec["obs_dim"]), True, float(spec.get("clip_obs", 10.0)))
         normalize.rms.load_state_dict(norms["obs"])
-
-    def act(obs: np.ndarray) -> np.ndarray:
-        return agent.act(obs, deterministic=deterministic)
-
     return evaluate_policy(act, env_cfg, episodes=episodes, seed=seed, normalize=normalize, record=gif)

@@ -58,6 +58,7 @@ from rlhfkit.gym.common import (
     mlp,
     open_gym_session,
     sample_categorical,
+    save_gif,
 )
 from rlhfkit.gym.fastgrad import FlatParams, PPOGrad
 from rlhfkit.gym.ppo import Batch, PPOUpdateConfig, param_divergence, ppo_update
@@ -244,10 +245,19 @@ class MAActorCritic(SavableAgent):
         hidden, act, ortho = list(net["hidden"]), net["activation"], net["ortho_init"]
         self.actor = mlp([actor_dim, *hidden, n_actions], act, 0.01, ortho)
         self.critic = mlp([critic_dim, *hidden, 1], act, 1.0, ortho)
+        self.context: dict[str, Any] = {}
+        """Written into agent.json: the env config and whether inputs carry the agent id (for `gym eval`)."""
 
     def spec(self) -> dict[str, Any]:
         return {"type": "mappo", "actor_dim": self.actor_dim, "critic_dim": self.critic_dim,
-                "n_actions": self.n_actions, "n_agents": self.n_agents, "critic": self.critic_mode, "net": self.net}
+                "n_actions": self.n_actions, "n_agents": self.n_agents, "critic": self.critic_mode, "net": self.net,
+                **self.context}
+
+    @classmethod
+    def from_spec(cls, s: dict[str, Any]) -> MAActorCritic:
+        agent = cls(s["actor_dim"], s["critic_dim"], s["n_actions"], s["n_agents"], s["critic"], s["net"])
+        agent.context = {k: s[k] for k in ("env", "agent_id_feature") if k in s}
+        return agent
 
     def policy(self, actor_x: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self.actor(actor_x), dim=-1)
@@ -280,12 +290,11 @@ class MAActorCritic(SavableAgent):
 
 def load_agent(folder: str | Path) -> MAActorCritic:
     """Rebuild a saved agent (`output_dir/agent` or a checkpoint's `model/`)."""
-    folder = Path(folder)
-    s = json.loads((folder / "agent.json").read_text())
-    if s.get("type") != "mappo":
-        raise RlhfkitError(f"{folder} holds a '{s.get('type')}' agent, not a MAPPO one")
-    agent = MAActorCritic(s["actor_dim"], s["critic_dim"], s["n_actions"], s["n_agents"], s["critic"], s["net"])
-    agent.load_checkpoint_weights(folder)
+    from rlhfkit.gym.evaluate import load_agent as load_any
+
+    agent, spec, _ = load_any(folder)
+    if not isinstance(agent, MAActorCritic):
+        raise RlhfkitError(f"{folder} holds a '{spec.get('type')}' agent, not a MAPPO one")
     return agent
 
 
@@ -372,6 +381,7 @@ def _train(cfg: GymMAPPOConfig, resume: str | None, info: DistInfo) -> Path:
     f, p = run.features, cfg.mappo
     agent = MAActorCritic(f.actor_dim, f.critic_dim, run.spec.n_actions, len(run.spec.agents), p.critic,
                           dict(cfg.net.__dict__)).to(device)
+    agent.context = {"env": dict(cfg.env.__dict__), "agent_id_feature": p.agent_id_feature}
     vnorm = ValueNormalizer(p.value_norm)
     per_update = cfg.env.num_envs * p.n_steps * info.world_size
     updates = max(1, p.total_steps // per_update)
@@ -491,18 +501,23 @@ def _collect(run: _Run, agent: MAActorCritic, vnorm: ValueNormalizer,
 
 @torch.no_grad()
 def evaluate_parallel(act: Callable[[np.ndarray], np.ndarray], env_cfg: ParallelEnvConfig, *, episodes: int,
-                      seed: int, agent_id_feature: bool = True) -> dict[str, float]:
+                      seed: int, agent_id_feature: bool = True, record: str = "") -> dict[str, float]:
     """Run `episodes` episodes on one env seeded seed, seed+1, ...; `act(actor_inputs (N, actor_dim)) ->
-    actions (N,)` for all agents at once. Returns the mean team return (sum over agents) and length."""
+    actions (N,)` for all agents at once. Returns the mean team return (sum over agents) and length.
+    `record`: save the first episode as a GIF there (the env must accept render_mode="rgb_array")."""
+    if record:
+        env_cfg = ParallelEnvConfig(env_cfg.id, env_cfg.num_envs, {**env_cfg.kwargs, "render_mode": "rgb_array"})
     env = make_parallel_env(env_cfg)
     spec = inspect_env(env, env_cfg.id)
     feats = Features(spec, "independent", agent_id_feature)
-    returns, lengths = [], []
+    returns, lengths, frames = [], [], []
     for k in range(episodes):
         raw, _ = env.reset(seed=seed + k)
         obs = stack_obs(raw, spec)
         total, n = 0.0, 0
         while True:
+            if record and k == 0:
+                frames.append(env.render())
             actions = act(feats.actor(obs))
             raw, rew, term, trunc, _ = env.step({a: int(actions[j]) for j, a in enumerate(spec.agents)})
             total += sum(float(rew.get(a, 0.0)) for a in spec.agents)
@@ -513,6 +528,8 @@ def evaluate_parallel(act: Callable[[np.ndarray], np.ndarray], env_cfg: Parallel
         returns.append(total)
         lengths.append(n)
     env.close()
+    if record and frames:
+        save_gif(frames, Path(record))
     return {"eval/return": float(np.mean(returns)), "eval/return_std": float(np.std(returns)),
             "eval/length": float(np.mean(lengths)), "eval/min_return": float(np.min(returns))}
 
