@@ -1,11 +1,11 @@
 """MPE simple_spread (N=3, max_cycles 25, discrete actions): random policy vs independent PPO (IPPO,
 `mappo.critic=independent`) vs MAPPO (`mappo.critic=centralized`), over several seeds at one step budget.
 
-    python benchmarks/mappo_spread.py                       # 200k env steps, seeds 1 2 3, one process
+    python benchmarks/mappo_spread.py                       # 300k env steps, seeds 1 2 3, one process
     python benchmarks/mappo_spread.py --steps 150000 --jobs 2
 
 Both learners use `rlhfkit gym mappo` with its defaults (shared policy + one-hot agent id, value
-normalization, 8 envs x 100 steps per update, lr 7e-4 annealed, 10 epochs, 1 minibatch, ent 0.01); only
+normalization, 8 envs x 100 steps per update, lr 7e-4 annealed, 10 epochs, 4 minibatches, ent 0.01); only
 the critic differs. An environment step is one step of one environment copy (all 3 agents act), so the
 budget is counted once for all agents.
 
@@ -76,7 +76,7 @@ def _run(job: tuple) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200_000, help="environment steps per training run")
+    p.add_argument("--steps", type=int, default=300_000, help="environment steps per training run")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--eval-episodes", type=int, default=50)
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one CPU core each)")

@@ -96,6 +96,13 @@ def test_critic_input_sizes() -> None:
         critic_part = packed[..., central.actor_dim:]
         np.testing.assert_array_equal(critic_part[:, 0, : n * obs_dim], critic_part[:, -1, : n * obs_dim])
         np.testing.assert_array_equal(critic_part[0, :, n * obs_dim:], np.eye(n))
+        # agent-specific global state: [own observation | global state | id]
+        own = Features(spec, "centralized", agent_id=True, own_obs=True)
+        assert own.critic_dim == (n + 1) * obs_dim + n
+        critic_part = own.packed(obs, obs.reshape(5, -1))[..., own.actor_dim:]
+        np.testing.assert_array_equal(critic_part[..., :obs_dim], obs)
+        np.testing.assert_array_equal(critic_part[:, 0, obs_dim:-n], obs.reshape(5, -1))
+        np.testing.assert_array_equal(critic_part[0, :, -n:], np.eye(n))
     assert _spread_spec(3).obs_dim == 18
 
 

@@ -88,7 +88,7 @@ class MANetConfig:
 class GymMAPPOAlgo(PPOUpdateConfig):
     total_steps: int = opt(300_000, "environment steps over all envs and processes (one step = all agents act once)", gt=0)
     n_steps: int = opt(100, "steps per environment per update", gt=0)
-    minibatches: int = opt(1, "minibatches per pass (the rollout holds num_envs * n_steps * n_agents samples)", gt=0)
+    minibatches: int = opt(4, "minibatches per pass (the rollout holds num_envs * n_steps * n_agents samples)", gt=0)
     lr: float = opt(7e-4, "Adam learning rate", gt=0.0)
     clip_range_vf: float = opt(0.0, "value clipping around the rollout values (normalized units); 0 = off", ge=0.0)
     ent_coef: float = opt(0.01, "entropy bonus weight", ge=0.0)
@@ -96,6 +96,8 @@ class GymMAPPOAlgo(PPOUpdateConfig):
     critic: Literal["centralized", "independent"] = opt(
         "centralized", "centralized: value of the global state + agent id (MAPPO); independent: of the local observation (IPPO)")
     agent_id_feature: bool = opt(True, "append a one-hot agent id to the policy and value inputs")
+    critic_own_obs: bool = opt(True, "centralized critic: put the agent's own observation before the global state "
+                                     "(MAPPO's agent-specific global state)")
     value_norm: bool = opt(True, "value net predicts returns normalized by their running mean/std")
 
 
@@ -185,16 +187,20 @@ class Features:
     """Network inputs from observations (..., N, obs_dim) and global states (..., state_dim).
 
     actor:  [local observation | one-hot agent id]
-    critic: centralized -> [global state | one-hot agent id]; independent -> the actor input.
+    critic: centralized -> [own observation | global state | one-hot agent id] (the own observation only
+    with own_obs=true); independent -> the actor input.
     (The one-hot part is present only with agent_id_feature=true.)
     """
 
-    def __init__(self, spec: EnvSpec, critic: str, agent_id: bool):
-        self.spec, self.critic, self.agent_id = spec, critic, agent_id
+    def __init__(self, spec: EnvSpec, critic: str, agent_id: bool, own_obs: bool = False):
+        self.spec, self.critic, self.agent_id, self.own_obs = spec, critic, agent_id, own_obs
         n = len(spec.agents)
         self.eye = np.eye(n, dtype=np.float32)
         self.actor_dim = spec.obs_dim + (n if agent_id else 0)
-        self.critic_dim = (spec.state_dim + (n if agent_id else 0)) if critic == "centralized" else self.actor_dim
+        if critic == "centralized":
+            self.critic_dim = (spec.obs_dim if own_obs else 0) + spec.state_dim + (n if agent_id else 0)
+        else:
+            self.critic_dim = self.actor_dim
 
     def _with_id(self, x: np.ndarray) -> np.ndarray:
         if not self.agent_id:
@@ -212,6 +218,8 @@ class Features:
             return np.concatenate([a, a], -1)
         n = len(self.spec.agents)
         s = np.broadcast_to(state[..., None, :], (*state.shape[:-1], n, state.shape[-1]))
+        if self.own_obs:
+            s = np.concatenate([obs, s], -1)
         return np.concatenate([a, self._with_id(s)], -1)
 
 
@@ -346,7 +354,7 @@ class _Run:
         self.cfg, self.info = cfg, info
         self.envs = [make_parallel_env(cfg.env) for _ in range(cfg.env.num_envs)]
         self.spec = inspect_env(self.envs[0], cfg.env.id)
-        self.features = Features(self.spec, cfg.mappo.critic, cfg.mappo.agent_id_feature)
+        self.features = Features(self.spec, cfg.mappo.critic, cfg.mappo.agent_id_feature, cfg.mappo.critic_own_obs)
         n = len(self.spec.agents)
         self.obs = np.zeros((cfg.env.num_envs, n, self.spec.obs_dim), np.float32)
         self.state = np.zeros((cfg.env.num_envs, self.spec.state_dim), np.float32)
