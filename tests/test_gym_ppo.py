@@ -179,7 +179,7 @@ def test_two_processes_stay_identical_and_learn_cartpole(tmp_path: Path) -> None
     res = _cli("gym", "ppo", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "gym_cartpole_ppo.yaml"),
                f"output_dir={out}", "progress=false", "tensorboard=false", "env.num_envs=4", "ppo.total_steps=60000",
                "seed=1", cwd=tmp_path, torchrun=2)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[:3000]
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
     assert _losses(out, "dist/param_divergence") and max(_losses(out, "dist/param_divergence").values()) == 0.0
     evals = _losses(out, "eval/return")
     assert max(evals.values()) >= 475, evals
@@ -192,7 +192,7 @@ def test_two_process_resume_continues_exactly(tmp_path: Path) -> None:
             "env.num_envs=2", "ppo.total_steps=768", "save_every=2", "save_total_limit=0", "ppo.normalize_obs=true",
             "eval.every=0", "seed=3")
     res = _cli(*args, cwd=tmp_path, torchrun=2)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[:3000]
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
     keys = ("train/policy_loss", "train/value_loss", "train/grad_norm")
     full = {k: _losses(out, k) for k in keys}
     import shutil
@@ -201,7 +201,7 @@ def test_two_process_resume_continues_exactly(tmp_path: Path) -> None:
         shutil.rmtree(out / "checkpoints" / f"step-{step:08d}")
     (out / "checkpoints" / "latest").write_text("step-00000002\n")
     res = _cli(*args, "--resume", cwd=tmp_path, torchrun=2)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[:3000]
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
     for key, values in full.items():
         again = _losses(out, key)
         assert sorted(again) == list(range(1, 7))

@@ -10,6 +10,7 @@ Problems the user can fix (config, data, model) print one clear message and exit
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -221,6 +222,26 @@ def _normalize_resume(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _main(argv)
+        return
+    # Under torchrun, leave without running the interpreter's exit-time destructors: with gloo, a rank
+    # occasionally aborts there ("terminate called without an active exception", seen on a loaded
+    # 2-core machine after the run had finished and the process group was destroyed), which turns a
+    # finished run into a failed one. Every file is written and closed by then.
+    try:
+        _main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> None:
     import warnings
 
     # peft still calls transformers' deprecated alias on every LoRA model; nothing a user can act on.

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,17 +53,14 @@ from rlhfkit.gym.common import (
     GymRunConfig,
     RunningMeanStd,
     SavableAgent,
-    UpdateLoop,
     mlp,
-    open_gym_session,
     sample_categorical,
     save_gif,
 )
-from rlhfkit.gym.fastgrad import FlatParams, PPOGrad
-from rlhfkit.gym.ppo import Batch, PPOUpdateConfig, param_divergence, ppo_update
+from rlhfkit.gym.ppo import Batch, PPOUpdateConfig, run_ppo_updates
 from rlhfkit.losses.ppo import explained_variance
 from rlhfkit.rl.advantages import gae
-from rlhfkit.runtime.distributed import DistInfo, barrier, broadcast_object, print0, run_on_ranks
+from rlhfkit.runtime.distributed import DistInfo, barrier, broadcast_object, run_on_ranks
 from rlhfkit.runtime.seeding import seed_everything
 
 
@@ -392,38 +388,17 @@ def _train(cfg: GymMAPPOConfig, resume: str | None, info: DistInfo) -> Path:
     agent.context = {"env": dict(cfg.env.__dict__), "agent_id_feature": p.agent_id_feature}
     vnorm = ValueNormalizer(p.value_norm)
     per_update = cfg.env.num_envs * p.n_steps * info.world_size
-    updates = max(1, p.total_steps // per_update)
-    flat = FlatParams(agent)
-    fast = PPOGrad.build(agent, flat)
-    session = open_gym_session(cfg, agent, lr=p.lr, adam_eps=p.adam_eps, anneal_lr=p.anneal_lr, updates=updates,
-                               resume=resume, info=info, params=[flat.param])
-    optimizer, scheduler, run_dir, logger = session.optimizer, session.scheduler, session.run_dir, session.logger
-    start = session.start
-    if session.state:
-        vnorm.load_state_dict(session.state["value_norm"])
-    print0(info, f"{cfg.env.id}: {len(run.spec.agents)} agents, {p.critic} critic (input {f.critic_dim}), "
-                 f"{cfg.env.num_envs} envs x {info.world_size} process(es), {updates} updates of {per_update} steps, "
-                 f"{sum(x.numel() for x in agent.parameters()):,} parameters")
-    run.restart(start)
-    loop = UpdateLoop(cfg, session, info, steps_done=start * per_update)
-    for update in range(start + 1, updates + 1):
-        t0 = time.perf_counter()
-        batch, stats = _collect(run, agent, vnorm, device)
-        stats.update(ppo_update(agent, flat, optimizer, batch, p, info, fast))
-        stats["train/lr"] = scheduler.get_last_lr()[0]
-        scheduler.step()
-        stats.update(run.episodes.drain(info))
-        stop = loop.end_update(update, steps=update * per_update, new_steps=per_update, elapsed=time.perf_counter() - t0,
-                               stats=stats, evaluate=lambda: _evaluate(cfg, agent, run, info), agent=agent,
-                               extra_state=lambda: {"value_norm": vnorm.state_dict()}, restart=run.restart)
-        if stop:
-            break
-    loop.close()
-    if info.enabled:  # every rank applied the same averaged updates
-        divergence = param_divergence(agent, info)
-        logger.log(update, {"dist/param_divergence": divergence})
-        print0(info, f"parameters across {info.world_size} processes: max difference {divergence:.3g}")
-    logger.close()
+    session = run_ppo_updates(
+        cfg, p, agent, info, resume, per_update=per_update, episodes=run.episodes, restart=run.restart,
+        collect=lambda fast: _collect(run, agent, vnorm, device),
+        evaluate=lambda: _evaluate(cfg, agent, run, info),
+        load_state=lambda state: vnorm.load_state_dict(state["value_norm"]),
+        extra_state=lambda: {"value_norm": vnorm.state_dict()},
+        describe=lambda updates: f"{cfg.env.id}: {len(run.spec.agents)} agents, {p.critic} critic (input "
+                                 f"{f.critic_dim}), {cfg.env.num_envs} envs x {info.world_size} process(es), "
+                                 f"{updates} updates of {per_update} steps, "
+                                 f"{sum(x.numel() for x in agent.parameters()):,} parameters")
+    run_dir = session.run_dir
     run.close()
     out = run_dir / "agent"
     if info.is_main:

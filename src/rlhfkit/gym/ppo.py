@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,7 @@ from rlhfkit.gym.common import (
     EpisodeTracker,
     GymEvalConfig,
     GymRunConfig,
+    GymSession,
     ObsNormalizer,
     RewardScaler,
     SavableAgent,
@@ -242,37 +244,16 @@ def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
     agent.context = {"env": dict(cfg.env.__dict__), "normalize_obs": cfg.ppo.normalize_obs, "clip_obs": cfg.ppo.clip_obs}
     p = cfg.ppo
     per_update = cfg.env.num_envs * p.n_steps * info.world_size
-    updates = max(1, p.total_steps // per_update)
-    flat = FlatParams(agent)
-    fast = PPOGrad.build(agent, flat)
-    session = open_gym_session(cfg, agent, lr=p.lr, adam_eps=p.adam_eps, anneal_lr=p.anneal_lr, updates=updates,
-                               resume=resume, info=info, params=[flat.param])
-    optimizer, scheduler, run_dir, logger = session.optimizer, session.scheduler, session.run_dir, session.logger
-    start = session.start
-    if session.state:
-        run.load_normalizers(session.state["normalizers"])
-    print0(info, f"{cfg.env.id}: {cfg.env.num_envs} envs x {info.world_size} process(es), {updates} updates of "
-                 f"{per_update} steps, {sum(x.numel() for x in agent.parameters()):,} parameters")
-    run.restart(start)
-    loop = UpdateLoop(cfg, session, info, steps_done=start * per_update)
-    for update in range(start + 1, updates + 1):
-        t0 = time.perf_counter()
-        batch, stats = _collect(run, agent, device, fast)
-        stats.update(ppo_update(agent, flat, optimizer, batch, p, info, fast))
-        stats["train/lr"] = scheduler.get_last_lr()[0]
-        scheduler.step()
-        stats.update(run.episodes.drain(info))
-        stop = loop.end_update(update, steps=update * per_update, new_steps=per_update, elapsed=time.perf_counter() - t0,
-                               stats=stats, evaluate=lambda: _evaluate(cfg, agent, run, info), agent=agent,
-                               extra_state=lambda: {"normalizers": run.normalizer_state()}, restart=run.restart)
-        if stop:
-            break
-    loop.close()
-    if info.enabled:  # DD-PPO invariant: every rank applied the same averaged updates
-        divergence = param_divergence(agent, info)
-        logger.log(update, {"dist/param_divergence": divergence})
-        print0(info, f"parameters across {info.world_size} processes: max difference {divergence:.3g}")
-    logger.close()
+    session = run_ppo_updates(
+        cfg, p, agent, info, resume, per_update=per_update, episodes=run.episodes, restart=run.restart,
+        collect=lambda fast: _collect(run, agent, device, fast),
+        evaluate=lambda: _evaluate(cfg, agent, run, info),
+        load_state=lambda state: run.load_normalizers(state["normalizers"]),
+        extra_state=lambda: {"normalizers": run.normalizer_state()},
+        describe=lambda updates: f"{cfg.env.id}: {cfg.env.num_envs} envs x {info.world_size} process(es), "
+                                 f"{updates} updates of {per_update} steps, "
+                                 f"{sum(x.numel() for x in agent.parameters()):,} parameters")
+    run_dir = session.run_dir
     run.envs.close()
     out = run_dir / "agent"
     if info.is_main:
@@ -281,6 +262,45 @@ def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
         print(f"saved agent to {out}", flush=True)
     barrier(info)
     return out
+
+
+def run_ppo_updates(cfg: Any, p: PPOUpdateConfig, agent: SavableAgent, info: DistInfo, resume: str | None, *,
+                    per_update: int, episodes: EpisodeTracker, restart: Callable[[int], None],
+                    collect: Callable[[PPOGrad | None], tuple[Batch, dict[str, float]]],
+                    evaluate: Callable[[], dict[str, float]], load_state: Callable[[dict[str, Any]], None],
+                    extra_state: Callable[[], dict[str, Any]], describe: Callable[[int], str]) -> GymSession:
+    """The update loop of `gym ppo` and `gym mappo`: optimizer over one flat parameter buffer, resume,
+    then collect -> PPO update -> schedule -> logging/eval/checkpoints until `p.total_steps`; under
+    torchrun, checks at the end that the processes' parameters are identical. Returns the (closed) session."""
+    updates = max(1, p.total_steps // per_update)
+    flat = FlatParams(agent)
+    fast = PPOGrad.build(agent, flat)
+    session = open_gym_session(cfg, agent, lr=p.lr, adam_eps=p.adam_eps, anneal_lr=p.anneal_lr, updates=updates,
+                               resume=resume, info=info, params=[flat.param])
+    if session.state:
+        load_state(session.state)
+    print0(info, describe(updates))
+    restart(session.start)
+    loop = UpdateLoop(cfg, session, info, steps_done=session.start * per_update)
+    update = session.start
+    for update in range(session.start + 1, updates + 1):
+        t0 = time.perf_counter()
+        batch, stats = collect(fast)
+        stats.update(ppo_update(agent, flat, session.optimizer, batch, p, info, fast))
+        stats["train/lr"] = session.scheduler.get_last_lr()[0]
+        session.scheduler.step()
+        stats.update(episodes.drain(info))
+        stop = loop.end_update(update, steps=update * per_update, new_steps=per_update, elapsed=time.perf_counter() - t0,
+                               stats=stats, evaluate=evaluate, agent=agent, extra_state=extra_state, restart=restart)
+        if stop:
+            break
+    loop.close()
+    if info.enabled:  # DD-PPO invariant: every rank applied the same averaged updates
+        divergence = param_divergence(agent, info)
+        session.logger.log(update, {"dist/param_divergence": divergence})
+        print0(info, f"parameters across {info.world_size} processes: max difference {divergence:.3g}")
+    session.logger.close()
+    return session
 
 
 @dataclass
