@@ -253,3 +253,18 @@ def test_gym_eval_of_a_damaged_agent_folder_says_what_is_wrong(tmp_path: Path, h
     if how == "json":  # and on the command line: exit code 2, no traceback
         res = _cli("gym", "eval", str(tmp_path / "agent"), cwd=tmp_path)
         assert res.returncode == 2 and re.search(expect, res.stderr) and "Traceback" not in res.stderr
+
+
+def test_resume_with_a_foreign_optimizer_state_is_a_clear_error(tmp_path: Path) -> None:
+    from rlhfkit.errors import RlhfkitError
+
+    out = tmp_path / "run"
+    args = _args(out, "ppo.total_steps=256", "save_every=1", "save_total_limit=0", "eval.every=0")
+    train(load_config(GymPPOConfig, None, args))
+    ckpt = out / "checkpoints" / "step-00000001"
+    # what a checkpoint of the per-tensor optimizer (before the flat parameter buffer) looks like
+    agent = ActorCritic(4, "discrete", 2, {"hidden": [64, 64], "activation": "tanh", "shared": False,
+                                           "ortho_init": True, "log_std_init": 0.0})
+    torch.save(torch.optim.Adam(agent.parameters()).state_dict(), ckpt / "optimizer.pt")
+    with pytest.raises(RlhfkitError, match="optimizer state does not fit"):
+        train(load_config(GymPPOConfig, None, args), resume=str(ckpt))

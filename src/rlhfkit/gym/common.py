@@ -308,7 +308,11 @@ def open_gym_session(cfg: Any, agent: SavableAgent, *, lr: float, adam_eps: floa
         folder = find_checkpoint(run_dir, resume)
         state = load_checkpoint(folder)
         agent.load_checkpoint_weights(folder / "model")
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # e.g. per-tensor Adam state of a checkpoint from before the flat buffer
+            raise RlhfkitError(f"{folder}: the optimizer state does not fit this run's parameters ({exc}); it was "
+                               "written for a different network or by an older rlhfkit: start a new run") from None
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
         start = state["step"]
