@@ -140,6 +140,33 @@ def test_reward_model_source_uses_its_own_tokenizer(tmp_path: Path, tokenizer) -
     assert list(parts) == ["score/rm"]
 
 
+def test_reward_model_inputs_over_max_length_keep_their_end(tmp_path: Path, tokenizer, capsys) -> None:  # noqa: ANN001
+    """reward.truncation=left: a too-long input is scored on its last max_length tokens (warned once);
+    reward.truncation=error stops with the item and the setting."""
+    from rlhfkit.errors import DataError
+    from rlhfkit.models.heads import build_reward_model, encode_response, load_reward_model, score_ids
+    from rlhfkit.models.load import ModelConfig
+
+    rm = build_reward_model(ModelConfig(name="tiny:llama"), tokenizer, seed=4)
+    rm.save_pretrained(tmp_path / "rm", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "rm")
+    prompts, texts = ["Review a cafe. " * 20, "Hi."], ["Lovely place, great coffee.", "Fine."]
+    model, tok = load_reward_model(str(tmp_path / "rm"), "cpu")
+    full = [encode_response(tok, p, t, max_length=10_000) for p, t in zip(prompts, texts)]
+    limit = len(full[1]) + 3
+    assert len(full[0]) > limit  # the first input overflows, the second fits
+    src = build_reward_sources([str(tmp_path / "rm")], device=torch.device("cpu"), max_length=limit)
+    total, _ = score_all(src, prompts, texts)
+    expected = score_ids(model, [full[0][-limit:], full[1]], tok.pad_token_id, 8)
+    torch.testing.assert_close(total, torch.tensor(expected))
+    score_all(src, prompts, texts)
+    assert capsys.readouterr().err.count("1 of 2 inputs were longer than reward.max_length") == 1
+    strict = build_reward_sources([str(tmp_path / "rm")], device=torch.device("cpu"), max_length=limit,
+                                  truncation="error")
+    with pytest.raises(DataError, match=f"item 0: .*longer than max_length.*> {limit} tokens"):
+        score_all(strict, prompts, texts)
+
+
 # --------------------------------------------------------------------------------------------------
 # End to end
 

@@ -165,9 +165,13 @@ def load_reward_model(
 
 
 def _fit(ids: list[int], start: int, max_length: int, truncation: str, what: str, setting: str) -> list[int]:
-    """Apply max_length; `start` is where the scored part (response) begins."""
+    """Apply max_length; `start` is where the scored part (response) begins. truncation: "error", "right"
+    (keep the beginning; the prompt must fit) or "left" (keep the end, where a reward model reads its
+    score; the beginning of the prompt is dropped)."""
     if len(ids) <= max_length:
         return ids
+    if truncation == "left":
+        return ids[-max_length:]
     if truncation == "error":
         raise RowProblem(f"{what} is longer than {setting} after tokenization ({len(ids)} > {max_length} tokens)")
     if start >= max_length:
@@ -247,11 +251,13 @@ def check_scalar(model: PreTrainedModel) -> None:
 def score_texts(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[Message]],
     responses: list[str], *, batch_size: int = 8, max_length: int = 1024, chat_template: str | None = None,
-    normalize: bool = False,
+    normalize: bool = False, truncation: str = "error", stats: dict[str, int] | None = None,
 ) -> list[float]:
     """Rewards for (prompt, response) pairs, rendered as in training (the model's saved chat_template
     mode unless given). Regression models answer in the original target units; `normalize=True` maps
-    scores to (r - mean) / std of the training rewards. Call with the model in eval mode."""
+    scores to (r - mean) / std of the training rewards. Inputs longer than `max_length` are an error, or
+    with truncation="left" lose the beginning (counted in `stats["truncated"]` when given). Call with the
+    model in eval mode."""
     check_scalar(model)
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
@@ -260,7 +266,10 @@ def score_texts(
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         try:
             seqs.append(encode_response(tokenizer, prompt, response, max_length=max_length, chat_template=template,
-                                        setting="max_length"))
+                                        truncation=truncation, setting="max_length"))
         except RowProblem as exc:
             raise DataError(f"item {i}: {exc}", [f"item {i}: {exc}"]) from None
+        if stats is not None and len(seqs[-1]) == max_length:
+            full = encode_response(tokenizer, prompt, response, max_length=sys.maxsize, chat_template=template)
+            stats["truncated"] = stats.get("truncated", 0) + int(len(full) > max_length)
     return to_reward_units(model, score_ids(model, seqs, tokenizer.pad_token_id, batch_size), normalize)

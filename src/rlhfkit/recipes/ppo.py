@@ -109,6 +109,9 @@ class RewardConfig:
     normalize_model: bool = opt(True, "z-normalize reward-model scores with the statistics saved at training time")
     batch_size: int = opt(16, "reward-model batch size", gt=0)
     max_length: int = opt(1024, "reward-model input limit in tokens (prompt + completion)", gt=1)
+    truncation: Literal["left", "error"] = opt(
+        "left", "reward-model inputs over max_length: left = score the last max_length tokens (warns once), "
+                "error = stop the run")
 
 
 @dataclass
@@ -495,7 +498,8 @@ def _train(cfg: PPOConfig, resume: str | None, device: torch.device, info: DistI
         print0(info, f"skipped {len(skipped)} invalid row(s) (data.on_error=skip); first: {skipped[0]}")
     check_run_dir(cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
     sources = build_reward_sources(cfg.reward.sources, device=device, normalize_model=cfg.reward.normalize_model,
-                                   batch_size=cfg.reward.batch_size, max_length=cfg.reward.max_length)
+                                   batch_size=cfg.reward.batch_size, max_length=cfg.reward.max_length,
+                                   truncation=cfg.reward.truncation)
 
     policy = load_causal_lm(cfg.model, device, tokenizer)
     check_plain_lm_head(policy, "model.name")

@@ -21,6 +21,7 @@ import importlib
 import inspect
 import math
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,8 @@ def _wants_ids(fn: ScoreFn) -> bool:
     return "completion_ids" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _reward_model(folder: str, *, device: torch.device, normalize: bool, batch_size: int, max_length: int) -> ScoreFn:
+def _reward_model(folder: str, *, device: torch.device, normalize: bool, batch_size: int, max_length: int,
+                  truncation: str = "left") -> ScoreFn:
     from rlhfkit.models.heads import check_scalar, load_reward_model, score_texts
 
     model, tokenizer = load_reward_model(folder, device)
@@ -116,15 +118,25 @@ def _reward_model(folder: str, *, device: torch.device, normalize: bool, batch_s
     has_stats = getattr(model.config, "rlhfkit_reward_mean", None) is not None
     use_stats = normalize and has_stats
 
+    warned = False
+
     def score(prompts: list[Any], completions: list[str]) -> list[float]:
-        return score_texts(model, tokenizer, prompts, completions, batch_size=batch_size, max_length=max_length,
-                           normalize=use_stats)
+        nonlocal warned
+        stats: dict[str, int] = {}
+        out = score_texts(model, tokenizer, prompts, completions, batch_size=batch_size, max_length=max_length,
+                          normalize=use_stats, truncation=truncation, stats=stats)
+        if stats.get("truncated") and not warned:
+            warned = True
+            print(f"warning: reward model {folder}: {stats['truncated']} of {len(prompts)} inputs were longer than "
+                  f"reward.max_length={max_length} tokens; scored on their last {max_length} tokens (the start of "
+                  "the prompt is dropped). Raise reward.max_length to score whole inputs.", file=sys.stderr, flush=True)
+        return out
 
     return score
 
 
 def build_reward_sources(specs: Sequence[str], *, device: torch.device, normalize_model: bool = True,
-                         batch_size: int = 16, max_length: int = 1024) -> list[RewardSource]:
+                         batch_size: int = 16, max_length: int = 1024, truncation: str = "left") -> list[RewardSource]:
     """Parse and load every entry of `reward.sources` (errors name the entry)."""
     if not specs:
         raise ConfigError("reward.sources", "expected at least one reward source: a reward model folder, "
@@ -135,7 +147,7 @@ def build_reward_sources(specs: Sequence[str], *, device: torch.device, normaliz
         weight, spec = parse_source(text, key)
         if Path(spec).is_dir():
             fn = _reward_model(spec, device=device, normalize=normalize_model, batch_size=batch_size,
-                               max_length=max_length)
+                               max_length=max_length, truncation=truncation)
         elif spec in BUILTIN_SCORERS:
             fn = _builtin(spec)
         elif ":" in spec and not spec.startswith(("/", ".")):
