@@ -230,3 +230,25 @@ def test_lora_merge_writes_a_full_model_and_options_run(tmp_path: Path) -> None:
     losses = _losses(run)
     assert all(v == v for v in losses.values()) and len(losses) == 2  # finite, both steps logged
     assert (run / "tensorboard").is_dir() is False or any((run / "tensorboard").iterdir())
+
+
+def test_fp16_loss_scaler_state_round_trips_through_state_json() -> None:
+    """The GradScaler's scale and growth tracker go into state.json and come back on resume."""
+    from rlhfkit.runtime.session import restore_scaler, scaler_state
+
+    assert scaler_state(None) == {} and scaler_state(torch.amp.GradScaler("cpu", enabled=False)) == {}
+    trained = torch.amp.GradScaler("cpu", init_scale=65536.0, growth_interval=3)
+    param = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([param], lr=0.1)
+    for grad in (float("inf"), 1.0, 1.0):  # one overflow halves the scale, then two good steps count up
+        opt.zero_grad()
+        trained.scale((param * grad).sum()).backward()
+        trained.step(opt)
+        trained.update()
+    saved = json.loads(json.dumps(scaler_state(trained)))
+    assert saved["grad_scaler"]["scale"] == 32768.0 and saved["grad_scaler"]["_growth_tracker"] == 2
+    fresh = torch.amp.GradScaler("cpu", growth_interval=3)
+    restore_scaler(fresh, saved)
+    assert fresh.state_dict() == trained.state_dict()
+    restore_scaler(fresh, {})  # a checkpoint without scaler state (bf16/fp32 run) leaves it alone
+    assert fresh.get_scale() == 32768.0

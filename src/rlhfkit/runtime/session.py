@@ -65,8 +65,21 @@ class Session:
             self.logger.log(step, {**metrics, "train/epoch": epoch})
         if (self.train.save_every and step % self.train.save_every == 0) or step == self.steps:
             save_training_state(self.run_dir, step, model=model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                state={"sampler": sampler.state_dict(), **(extra_state or {})},
+                                state={"sampler": sampler.state_dict(), **scaler_state(self.scaler), **(extra_state or {})},
                                 keep=self.train.save_total_limit, info=self.info)
+
+
+def scaler_state(scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+    """The fp16 loss scaler's state for state.json (a resumed run keeps its scale instead of re-probing
+    from 65536 through overflowing steps); empty without a scaler."""
+    if scaler is None or not scaler.is_enabled():
+        return {}
+    return {"grad_scaler": {k: float(v) if isinstance(v, float) else v for k, v in scaler.state_dict().items()}}
+
+
+def restore_scaler(scaler: torch.amp.GradScaler | None, ckpt: dict[str, Any]) -> None:
+    if scaler is not None and scaler.is_enabled() and ckpt.get("grad_scaler"):
+        scaler.load_state_dict(ckpt["grad_scaler"])
 
 
 def open_session(cfg: Any, *, model: torch.nn.Module, sampler: BatchSampler, resume: str | None, info: DistInfo,
@@ -83,6 +96,7 @@ def open_session(cfg: Any, *, model: torch.nn.Module, sampler: BatchSampler, res
     if resume is not None:
         ckpt = restore_training_state(run_dir, resume, model=model, optimizer=optimizer, scheduler=scheduler, info=info)
         sampler.load_state_dict(ckpt["sampler"])
+        restore_scaler(scaler, ckpt)
         state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "rng")}
         start = ckpt["step"]
         print0(info, f"resumed from {ckpt['folder']} at step {start}")
