@@ -299,3 +299,23 @@ def test_ppo_torchrun_two_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert (out / "model" / "model.safetensors").is_file()
     state = json.loads((out / "checkpoints" / "step-00000002" / "state.json").read_text())
     assert state["reward_moments"]["count"] == 2 * 2 * 4  # both ranks' scores, two steps
+
+
+def test_isolated_rng_leaves_every_training_stream_untouched() -> None:
+    import random
+
+    import numpy as np
+
+    from rlhfkit.runtime.seeding import isolated_rng, seed_everything
+
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    seed_everything(5)
+    expected = draws()
+    seed_everything(5)
+    with isolated_rng(123):
+        inside = draws()
+    assert draws() == expected  # as if the block had not run
+    with isolated_rng(123):
+        assert draws() == inside  # every evaluation sees the same streams

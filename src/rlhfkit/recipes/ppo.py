@@ -71,7 +71,7 @@ from rlhfkit.rollout.engine import Rollout, sample
 from rlhfkit.runtime.checkpoint import is_peft, load_model_weights, unwrap
 from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum, local_rank_from_env, print0, run_on_ranks
 from rlhfkit.runtime.loop import TrainConfig, apply_gradients, autocast, check_run_dir
-from rlhfkit.runtime.seeding import quiet_transformers, seed_everything
+from rlhfkit.runtime.seeding import isolated_rng, quiet_transformers, seed_everything
 from rlhfkit.runtime.session import open_session
 
 
@@ -726,12 +726,12 @@ class _Context:
         mine = eval_prompts[self.info.rank :: self.info.world_size]
         texts, scores_list, totals = [], [], [0.0] * (5 + len(self.sources))
         if mine:  # a rank may hold no eval prompt; it still joins the all-reduce with zeros
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.cfg.seed + 7919 * (self.info.rank + 1))
+            # sampling and reward functions (which may draw from Python's or numpy's RNG) see the same
+            # random streams at every evaluation and leave training's streams untouched
+            with isolated_rng(self.cfg.seed + 7919 * (self.info.rank + 1)):
                 r = self.gen(unwrap(self.model.policy), [ex.ids for ex in mine], batch_size=self.cfg.train.eval_batch_size)
-            texts, ids = self.decode(r)
-            scores, parts = score_all(self.sources, [ex.prompt for ex in mine], texts, ids)
+                texts, ids = self.decode(r)
+                scores, parts = score_all(self.sources, [ex.prompt for ex in mine], texts, ids)
             mask = r.response_mask.float()
             old, ref, _ = score_rollout(self.cfg, self.model, self.ref_model, r, self.amp)
             kl = ((old - ref) * mask).sum()
