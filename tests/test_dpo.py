@@ -78,6 +78,20 @@ def test_reference_cache_hit_and_invalidation(tmp_path: Path, monkeypatch: pytes
     assert not hit and not c3.equal(c1)
 
 
+def test_reference_cache_keeps_the_most_recently_used_files(tmp_path: Path) -> None:
+    import os
+
+    from rlhfkit.recipes.dpo import prune_cache
+
+    for i in range(5):
+        (tmp_path / f"k{i}.safetensors").write_bytes(b"x")
+        os.utime(tmp_path / f"k{i}.safetensors", (1000 + i, 1000 + i))
+    (tmp_path / "k0.safetensors").touch()  # a cache hit makes the oldest the newest
+    (tmp_path / "notes.txt").write_text("not a cache file")
+    prune_cache(tmp_path, keep=2)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["k0.safetensors", "k4.safetensors", "notes.txt"]
+
+
 def test_live_reference_matches_precomputed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Full fine-tune: a frozen copy (live) and the cached pass (precomputed) give the same run."""
     monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path / "cache"))

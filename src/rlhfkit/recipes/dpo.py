@@ -176,6 +176,8 @@ def cached_reference(model: torch.nn.Module, ref_model: torch.nn.Module | None, 
     path = cache_dir() / "ref_logps" / f"{key}.safetensors"
     if path.is_file():
         t = load_file(str(path))
+        if info.is_main:
+            path.touch()  # most recently used: kept by prune_cache
         return t["chosen"], t["rejected"], True
     chosen, rejected = compute_reference(model, ref_model, pairs, **kwargs)  # type: ignore[arg-type]
     if info.is_main:
@@ -183,8 +185,20 @@ def cached_reference(model: torch.nn.Module, ref_model: torch.nn.Module | None, 
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp))
         tmp.replace(path)
+        prune_cache(path.parent, keep=REF_CACHE_KEEP)
     barrier(info)
     return chosen, rejected, False
+
+
+REF_CACHE_KEEP = 64
+"""Reference log-prob files kept in the cache (a hit refreshes a file's age)."""
+
+
+def prune_cache(folder: Path, keep: int) -> None:
+    """Delete all but the `keep` most recently used `*.safetensors` files of `folder`."""
+    files = sorted(folder.glob("*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in files[keep:]:
+        old.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------
