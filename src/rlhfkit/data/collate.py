@@ -16,18 +16,22 @@ import torch
 from rlhfkit.data.tokenize import IGNORE, TokenizedExample
 
 
+def _right_padded(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids padded with pad_id and labels padded with IGNORE, both (B, longest)."""
+    longest = max(len(x) for x in seqs)
+    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    out_labels = torch.full((len(seqs), longest), IGNORE, dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(seqs, labels)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        out_labels[i, : len(lab)] = torch.tensor(lab)
+    return input_ids, out_labels
+
+
 def pad_batch(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example. Returns input_ids, attention_mask, labels: (B, T)."""
-    longest = max(len(e.input_ids) for e in examples)
-    B = len(examples)
-    input_ids = torch.full((B, longest), pad_id, dtype=torch.long)
-    labels = torch.full((B, longest), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((B, longest), dtype=torch.long)
-    for i, ex in enumerate(examples):
-        n = len(ex.input_ids)
-        input_ids[i, :n] = torch.tensor(ex.input_ids)
-        labels[i, :n] = torch.tensor(ex.labels)
-        attention_mask[i, :n] = 1
+    input_ids, labels = _right_padded([e.input_ids for e in examples], [e.labels for e in examples], pad_id)
+    lengths = torch.tensor([len(e.input_ids) for e in examples])
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -65,16 +69,11 @@ def pack_examples(examples: list[TokenizedExample], max_length: int) -> list[Pac
 
 def packed_batch(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
     """Stack packed rows, padded to the longest. No attention_mask: boundaries come from position_ids."""
-    longest = max(len(r.input_ids) for r in rows)
-    B = len(rows)
-    input_ids = torch.full((B, longest), pad_id, dtype=torch.long)
-    labels = torch.full((B, longest), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((B, longest), dtype=torch.long)
+    input_ids, labels = _right_padded([r.input_ids for r in rows], [r.labels for r in rows], pad_id)
+    longest = input_ids.shape[1]
+    position_ids = torch.zeros_like(input_ids)
     for i, r in enumerate(rows):
         n = len(r.input_ids)
-        input_ids[i, :n] = torch.tensor(r.input_ids)
-        labels[i, :n] = torch.tensor(r.labels)
         position_ids[i, :n] = torch.tensor(r.position_ids)
         position_ids[i, n:] = torch.arange(longest - n)  # padding forms its own block
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-
