@@ -172,6 +172,11 @@ def test_config_errors(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="observation space"):
         make_vector_env(EnvConfig(id="FrozenLake-v1", num_envs=1))
+    with pytest.raises(ConfigError, match="'device': expected auto, cpu, cuda"):
+        load_config(GymPPOConfig, None, _args(tmp_path, "device=gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'device': cuda was requested but torch sees no CUDA device"):
+            load_config(GymPPOConfig, None, _args(tmp_path, "device=cuda"))
 
 
 def test_two_processes_stay_identical_and_learn_cartpole(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ class GymRunConfig:
     output_dir: str = opt("runs/gym", "run folder: config, metrics, checkpoints, agent")
     overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
     seed: int = opt(1, "seed for the networks, the environments and sampling")
-    device: str = opt("cpu", "cpu or cuda (small MLPs are fastest on cpu)")
+    device: str = opt("cpu", "cpu, cuda or cuda:N (a bare cuda is cuda:LOCAL_RANK under torchrun); small MLPs are fastest on cpu")
     threads: int = opt(1, "torch CPU threads (small networks: 1 is fastest)", gt=0)
     progress: bool = opt(True, "show a progress bar")
     tensorboard: bool = opt(True, "write TensorBoard logs")
@@ -93,6 +93,13 @@ class GymRunConfig:
     def validate(self) -> None:
         if not self.output_dir.strip():
             raise ConfigError("output_dir", "expected a folder path for the run")
+        self.torch_device()
+
+    def torch_device(self, local_rank: int = 0) -> torch.device:
+        """`device` checked (CUDA present, a known device), with a bare `cuda` meaning cuda:LOCAL_RANK."""
+        from rlhfkit.models.load import resolve_device
+
+        return resolve_device(self.device, local_rank, key="device")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -345,7 +345,7 @@ def _optimize(agent: QAgent, optimizer: torch.optim.Optimizer, buffer: ReplayBuf
 
 def _train(cfg: GymDQNConfig, resume: str | None, info: DistInfo) -> Path:
     torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
+    device = cfg.torch_device(info.local_rank)
     n_actions = check_discrete(cfg.env)
     d = cfg.dqn
     seed_everything(cfg.seed)

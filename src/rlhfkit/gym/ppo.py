@@ -199,7 +199,7 @@ def build_agent(env: gym.Env, net: NetConfig | dict[str, Any]) -> ActorCritic:
 
 def train(cfg: GymPPOConfig, resume: str | None = None) -> Path:
     """Train; returns the folder of the final agent (`output_dir/agent`)."""
-    return run_on_ranks(lambda info: _train(cfg, resume, info), torch.device(cfg.device))
+    return run_on_ranks(lambda info: _train(cfg, resume, info), cfg.torch_device())
 
 
 class _Run:
@@ -237,7 +237,7 @@ class _Run:
 
 def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
     torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
+    device = cfg.torch_device(info.local_rank)
     seed_everything(cfg.seed)  # identical network init on every rank
     run = _Run(cfg, info)
     agent = build_agent(make_env(cfg.env), cfg.net).to(device)

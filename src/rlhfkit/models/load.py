@@ -79,21 +79,25 @@ class LoraConfig:
 # Device and dtype
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> cuda:LOCAL_RANK if available, else mps, else cpu. Explicit devices are checked."""
+def resolve_device(spec: str, local_rank: int = 0, key: str = "model.device") -> torch.device:
+    """`auto` -> cuda:LOCAL_RANK if available, else mps, else cpu. Explicit devices are checked (errors
+    name the config `key`); a bare `cuda` means this process's GPU under torchrun (cuda:LOCAL_RANK)."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(key, f"expected auto, cpu, cuda, cuda:N or mps, got {spec!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("model.device", "cuda was requested but torch sees no CUDA device (CPU build?)")
+        raise ConfigError(key, "cuda was requested but torch sees no CUDA device (CPU build?)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("model.device", "mps was requested but is not available on this machine")
+        raise ConfigError(key, "mps was requested but is not available on this machine")
     return device
 
 
