@@ -63,6 +63,20 @@ def test_gradients_match_autograd(kind: str, activation: str, ent_coef: float, c
     assert g_fast.abs().sum() > 0
 
 
+def test_value_clipping_inside_the_range_keeps_its_gradient() -> None:
+    """Old values close to the new ones: V_old + (V - V_old) rounds away from V for a few samples, so the
+    clipped term can win inside the clip range, where autograd still passes the gradient through."""
+    for seed in range(40):
+        torch.manual_seed(seed)
+        agent = ActorCritic(5, "box", 3, _net())
+        b = _batch(agent, 256, 5, box=True, seed=seed)
+        with torch.no_grad():
+            b["old_values"] = agent(b["obs"])[1] + 0.05 * torch.randn(256)
+            b["returns"] = b["old_values"] + 2.0 * torch.randn(256)
+        st_fast, g_fast, st_ref, g_ref = _both(agent, b, PPOUpdateConfig(clip_range_vf=0.2))
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-6)
+
+
 def test_mappo_agent_slices_inputs() -> None:
     torch.manual_seed(1)
     agent = MAActorCritic(actor_dim=6, critic_dim=10, n_actions=5, n_agents=2, critic="centralized", net=_net())
@@ -132,3 +146,19 @@ def test_sample_categorical_frequencies() -> None:
         freq = torch.bincount(a[:, row], minlength=4).float() / 50_000
         torch.testing.assert_close(freq, probs[row], atol=0.01, rtol=0)
     assert not (a[:, 0] == 1).any()  # a zero-probability action is never drawn
+
+
+def test_a_diverged_update_stops_with_a_clear_error() -> None:
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.gym.common import make_adam
+    from rlhfkit.gym.ppo import Batch, ppo_update
+    from rlhfkit.runtime.distributed import DistInfo
+
+    agent = ActorCritic(4, "discrete", 2, _net())
+    flat = FlatParams(agent)
+    n = 32
+    b = Batch(torch.randn(n, 4), torch.randint(0, 2, (n,)), torch.zeros(n), torch.randn(n),
+              torch.full((n,), float("inf")), torch.zeros(n))
+    with pytest.raises(RlhfkitError, match="diverged: non-finite train/value_loss"):
+        ppo_update(agent, flat, make_adam([flat.param], 1e-3), b, PPOUpdateConfig(epochs=1, minibatches=1),
+                   DistInfo(), PPOGrad.build(agent, flat))

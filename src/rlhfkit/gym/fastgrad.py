@@ -142,7 +142,9 @@ class PPOGrad:
         outside the clip range and d/dr = 0. Then d/d logp = r * d/dr. Categorical: d logp_a / d z =
         onehot(a) - p, and d entropy / d z = -p (log p + H). Gaussian (mean m, log std s, z = (a - m)/e^s):
         d logp / d m = z / e^s, d logp / d s = z^2 - 1, d entropy / d s = 1. Value: 0.5 mean(max((V-R)^2,
-        (V_clip-R)^2)) gives (V - R)/n where the unclipped term wins, else 0 (V_clip is then constant).
+        (V_clip-R)^2)) gives (V - R)/n where the unclipped term wins; where the clipped one wins,
+        (V_clip - R)/n if |V - V_old| is inside the clip range (V_clip = V_old + (V - V_old) can round
+        away from V there) and 0 outside it.
         """
         n = x.shape[0]
         kept_a: list[torch.Tensor] = []
@@ -184,7 +186,10 @@ class PPOGrad:
             sq_clipped = (v_clipped - returns).square()
             v_clip = sq_clipped > sq
             v_loss = 0.5 * torch.maximum(sq, sq_clipped).mean()
-            g_v = torch.where(v_clip, 0.0, err * (vf_coef / n))
+            # Where the clipped term wins, its gradient flows through the clamp only inside the range
+            # (V_clip can differ from V by rounding there).
+            inside = (values - old_values).abs() <= clip_range_vf
+            g_v = torch.where(v_clip, (v_clipped - returns) * inside, err) * (vf_coef / n)
             v_clipfrac = v_clip.float().mean()
         else:
             v_loss = 0.5 * sq.mean()

@@ -11,6 +11,7 @@ surrogate (`rlhfkit.losses.ppo`), optional value clipping, an entropy bonus, and
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from rlhfkit.config import opt, section
-from rlhfkit.errors import ConfigError
+from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.gym.common import (
     EnvConfig,
     EpisodeTracker,
@@ -403,7 +404,12 @@ def ppo_update(agent: Any, flat: FlatParams, optimizer: torch.optim.Optimizer, b
             kl = all_reduce_sum(epoch_kl / p.minibatches, info).item() / info.world_size
             if kl > p.target_kl:  # the same decision on every rank (averaged KL), so no rank waits alone
                 break
-    return dict(zip(keys, (totals / count).tolist()))
+    means = dict(zip(keys, (totals / count).tolist()))
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if bad:
+        raise RlhfkitError(f"the PPO update diverged: non-finite {', '.join(bad)}; lower ppo.lr, keep "
+                           "ppo.max_grad_norm > 0, or normalize observations/rewards (ppo.normalize_obs, ppo.normalize_reward)")
+    return means
 
 
 def _autograd_loss_and_grad(agent: Any, flat: FlatParams, obs: torch.Tensor, actions: torch.Tensor,
