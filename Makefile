@@ -28,6 +28,15 @@ demo: setup
 demo-ppo: setup
 	$(BIN)/rlhfkit ppo --config configs/ppo_sentiment.yaml
 
+# Side-by-side CPU benchmarks against the reference tools (installs the `bench` extra: TRL and
+# Stable-Baselines3): gym PPO vs SB3 on CartPole, DPO vs TRL, one online-RL step vs TRL RLOO. Each
+# script prints a table; benchmarks/RESULTS.md holds what was measured here and the other scripts.
+bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/gym_vs_sb3.py --seeds 0 1 2
+	$(BIN)/python benchmarks/dpo_vs_trl.py
+	$(BIN)/python benchmarks/ppo_step.py
+
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
