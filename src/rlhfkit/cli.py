@@ -10,6 +10,7 @@ Problems the user can fix (config, data, model) print one clear message and exit
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -241,6 +242,21 @@ def main(argv: list[str] | None = None) -> None:
     os._exit(code)
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage-error, abort) classes of click and of the click copy typer vendors (typer._click, whose
+    own classes are raised for e.g. an unknown command or a missing argument), whichever exist."""
+    usage: list[type] = []
+    abort: list[type] = []
+    for name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage += [module.ClickException] if hasattr(module, "ClickException") else []
+        abort += [module.Abort] if hasattr(module, "Abort") else []
+    return tuple(usage), tuple(abort)
+
+
 def _main(argv: list[str] | None) -> None:
     import warnings
 
@@ -250,7 +266,9 @@ def _main(argv: list[str] | None) -> None:
     warnings.filterwarnings("ignore", message="Could not find a config file in .*", category=UserWarning)
     args = _normalize_resume(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=args, prog_name="rlhfkit", standalone_mode=False)
+        # In non-standalone mode typer returns an exit code instead of raising for Ctrl-C (130) and
+        # ctx.exit(N); our commands return None, so an int here is such a code.
+        code = app(args=args, prog_name="rlhfkit", standalone_mode=False)
     except RlhfkitError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
@@ -259,15 +277,18 @@ def _main(argv: list[str] | None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:  # usage errors arrive here in non-standalone mode
+        usage, abort = _click_exception_types()
+        if isinstance(exc, usage):
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        if isinstance(exc, abort):
             sys.exit(1)
         raise
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        if code == 130:
+            print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":
