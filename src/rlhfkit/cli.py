@@ -242,19 +242,16 @@ def main(argv: list[str] | None = None) -> None:
     os._exit(code)
 
 
-def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(usage-error, abort) classes of click and of the click copy typer vendors (typer._click, whose
-    own classes are raised for e.g. an unknown command or a missing argument), whichever exist."""
-    usage: list[type] = []
-    abort: list[type] = []
-    for name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+def _usage_error_types() -> tuple[type, ...]:
+    """click's ClickException, from click itself and from the copy newer typer versions vendor and raise
+    (typer._click): usage errors such as an unknown command or a missing argument."""
+    types = []
+    for name in ("click", "typer._click.exceptions"):
         try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        usage += [module.ClickException] if hasattr(module, "ClickException") else []
-        abort += [module.Abort] if hasattr(module, "Abort") else []
-    return tuple(usage), tuple(abort)
+            types.append(importlib.import_module(name).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
 
 
 def _main(argv: list[str] | None) -> None:
@@ -273,17 +270,13 @@ def _main(argv: list[str] | None) -> None:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = exc.exit_code
+    except typer.Abort:  # Ctrl-C under typer versions that raise instead of returning 130
+        code = 130
     except Exception as exc:  # usage errors arrive here in non-standalone mode
-        usage, abort = _click_exception_types()
-        if isinstance(exc, usage):
+        if isinstance(exc, _usage_error_types()):
             exc.show()  # type: ignore[attr-defined]
             sys.exit(exc.exit_code)  # type: ignore[attr-defined]
-        if isinstance(exc, abort):
-            sys.exit(1)
         raise
     if isinstance(code, int) and not isinstance(code, bool) and code != 0:
         if code == 130:

@@ -186,14 +186,20 @@ def encode_response(
     setting: str = "data.max_length",
 ) -> list[int]:
     """Token ids of prompt + response as the policy sees them (chat template, end-of-turn token)."""
+    ids, start = _encode_whole(tokenizer, prompt, response, chat_template)
+    return _fit(ids, start, max_length, truncation, what, setting)
+
+
+def _encode_whole(tokenizer: PreTrainedTokenizerBase, prompt: str | list[Message], response: str | list[Message],
+                  chat_template: str) -> tuple[list[int], int]:
+    """Untruncated token ids of prompt + response, and the index of the first response token."""
     if isinstance(prompt, list) and isinstance(response, str):
         response = [{"role": "assistant", "content": response}]
     elif isinstance(response, list) and isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     ex = tokenize_sft(Sample("", prompt=prompt, completion=response), tokenizer, max_length=sys.maxsize,
                       chat_template=chat_template)
-    start = next(i for i, t in enumerate(ex.labels) if t != IGNORE)  # first response token
-    return _fit(ex.input_ids, start, max_length, truncation, what, setting)
+    return ex.input_ids, next(i for i, t in enumerate(ex.labels) if t != IGNORE)
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, *, max_length: int, truncation: str = "error") -> list[int]:
@@ -264,12 +270,11 @@ def score_texts(
     template = chat_template or getattr(model.config, "rlhfkit_chat_template", "auto")
     seqs = []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        ids, start = _encode_whole(tokenizer, prompt, response, template)
+        if stats is not None and len(ids) > max_length:
+            stats["truncated"] = stats.get("truncated", 0) + 1
         try:
-            seqs.append(encode_response(tokenizer, prompt, response, max_length=max_length, chat_template=template,
-                                        truncation=truncation, setting="max_length"))
+            seqs.append(_fit(ids, start, max_length, truncation, "prompt + response", "max_length"))
         except RowProblem as exc:
             raise DataError(f"item {i}: {exc}", [f"item {i}: {exc}"]) from None
-        if stats is not None and len(seqs[-1]) == max_length:
-            full = encode_response(tokenizer, prompt, response, max_length=sys.maxsize, chat_template=template)
-            stats["truncated"] = stats.get("truncated", 0) + int(len(full) > max_length)
     return to_reward_units(model, score_ids(model, seqs, tokenizer.pad_token_id, batch_size), normalize)
