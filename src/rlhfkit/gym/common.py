@@ -300,11 +300,10 @@ def open_gym_session(cfg: Any, agent: SavableAgent, *, lr: float, adam_eps: floa
     """Adam over `params` (default: all of the agent's) with linear decay to 0 over `updates` when asked,
     the run folder, and on resume the weights, optimizer, schedule and this rank's RNG state of the
     checkpoint. Seeds sampling per rank after the (rank-independent) network init."""
-    from rlhfkit.runtime.checkpoint import find_checkpoint, load_checkpoint
     from rlhfkit.runtime.distributed import print0
-    from rlhfkit.runtime.loop import prepare_run_dir
+    from rlhfkit.runtime.loop import prepare_run_dir, restore_training_state
     from rlhfkit.runtime.metrics import MetricsLogger
-    from rlhfkit.runtime.seeding import seed_everything, set_rng_state
+    from rlhfkit.runtime.seeding import seed_everything
 
     optimizer = make_adam(agent.parameters() if params is None else params, lr, adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / updates) if anneal_lr else 1.0)
@@ -312,35 +311,13 @@ def open_gym_session(cfg: Any, agent: SavableAgent, *, lr: float, adam_eps: floa
     seed_everything(cfg.seed + 7919 * info.rank)  # sampling differs per rank
     start, state = 0, {}
     if resume is not None:
-        folder = find_checkpoint(run_dir, resume)
-        state = load_checkpoint(folder)
-        agent.load_checkpoint_weights(folder / "model")
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except ValueError as exc:  # e.g. per-tensor Adam state of a checkpoint from before the flat buffer
-            raise RlhfkitError(f"{folder}: the optimizer state does not fit this run's parameters ({exc}); it was "
-                               "written for a different network or by an older rlhfkit: start a new run") from None
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
+        state = restore_training_state(run_dir, resume, model=agent, optimizer=optimizer, scheduler=scheduler,
+                                       info=info)
         start = state["step"]
-        print0(info, f"resumed from {folder} at update {start}/{updates}")
+        print0(info, f"resumed from {state['folder']} at update {start}/{updates}")
     logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
                            resume_step=start if resume is not None else None)
     return GymSession(optimizer, scheduler, run_dir, updates, start, state, logger)
-
-
-def save_gym_checkpoint(session: GymSession, update: int, agent: SavableAgent, state: dict[str, Any], keep: int,
-                        info: DistInfo) -> None:
-    """Checkpoint from rank 0 after collecting every rank's RNG state (all ranks call this)."""
-    from rlhfkit.runtime.checkpoint import save_checkpoint
-    from rlhfkit.runtime.distributed import barrier
-    from rlhfkit.runtime.loop import gather_rng
-
-    rng = gather_rng(info)
-    if info.is_main:
-        save_checkpoint(session.run_dir, update, model=agent, optimizer=session.optimizer, scheduler=session.scheduler,
-                        rng=rng, state=state, keep=keep)
-    barrier(info)
 
 
 class UpdateLoop:
@@ -363,6 +340,7 @@ class UpdateLoop:
         """Record update `update` (`steps` environment steps so far, `new_steps` of them in this update,
         `elapsed` seconds); returns True when the run should stop (target reached with stop_at_target)."""
         from rlhfkit.runtime.distributed import print0
+        from rlhfkit.runtime.loop import save_training_state
 
         cfg, logger, last = self.cfg, self.session.logger, update == self.session.updates
         self.train_seconds += elapsed
@@ -386,7 +364,8 @@ class UpdateLoop:
         stop = self.reached is not None and cfg.eval.stop_at_target
         if (cfg.save_every and update % cfg.save_every == 0) or last or stop:
             state = {**extra_state(), "train_seconds": self.train_seconds, "reached_target": self.reached}
-            save_gym_checkpoint(self.session, update, agent, state, cfg.save_total_limit, self.info)
+            save_training_state(self.session.run_dir, update, model=agent, optimizer=self.session.optimizer,
+                                scheduler=self.session.scheduler, state=state, keep=cfg.save_total_limit, info=self.info)
             if not last:
                 restart(update)
         return stop

@@ -235,7 +235,11 @@ def restore_training_state(
     folder = find_checkpoint(run_dir, which)
     ckpt = load_checkpoint(folder)
     load_model_weights(model, folder / "model")
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as exc:  # parameter groups/counts differ, e.g. a gym checkpoint from before the flat buffer
+        raise RlhfkitError(f"{folder}: the optimizer state does not fit this run's parameters ({exc}); it was "
+                           "written for a different model or by an older rlhfkit: start a new run") from None
     scheduler.load_state_dict(ckpt["scheduler"])
     # Recompute this step's learning rate from the current schedule: identical to the saved one when
     # the run continues unchanged, correct when max_steps/epochs were extended.
