@@ -67,8 +67,11 @@ def test_sft_prompt_missing():
     assert problem("sft", {"completion": "a"}) == "f.jsonl:7: field 'prompt' is missing"
 
 
-def test_sft_field_null_counts_as_missing():
-    assert problem("sft", {"prompt": None, "completion": "a"}) == "f.jsonl:7: field 'prompt' is missing"
+def test_sft_field_null_is_not_called_missing():
+    # The key is there with no value: the fix is to fill it in, not to add the field.
+    assert problem("sft", {"prompt": None, "completion": "a"}) == (
+        "f.jsonl:7: field 'prompt' is null; expected a string or a list of messages"
+    )
 
 
 def test_sft_field_empty():
@@ -88,7 +91,20 @@ def test_sft_text_must_be_a_string():
 
 
 def test_sft_text_null():
-    assert problem("sft", {"text": None}) == "f.jsonl:7: field 'text' is missing"
+    assert problem("sft", {"text": None}) == "f.jsonl:7: field 'text' is null; expected a string"
+
+
+def test_sft_messages_null():
+    assert problem("sft", {"messages": None}) == "f.jsonl:7: field 'messages' is null; expected a list of messages"
+
+
+def test_messages_null_role_and_content():
+    assert problem("sft", {"messages": [{"role": None, "content": "hi"}, ASSISTANT]}) == (
+        "f.jsonl:7: field 'messages' message 0: 'role' is null"
+    )
+    assert problem("sft", {"messages": [USER, {"role": "assistant", "content": None}]}) == (
+        "f.jsonl:7: field 'messages' message 1: 'content' is null; expected a string"
+    )
 
 
 def test_sft_no_known_fields():
@@ -197,6 +213,16 @@ def test_preference_missing_chosen():
     assert problem("preference", {"prompt": "q", "rejected": "bad"}) == "f.jsonl:7: field 'chosen' is missing"
 
 
+def test_preference_null_chosen():
+    assert problem("preference", {"prompt": "q", "chosen": None, "rejected": "bad"}) == (
+        "f.jsonl:7: field 'chosen' is null; expected a string or a list of messages"
+    )
+
+
+def test_preference_null_margin_is_no_margin():
+    assert check("preference", {"prompt": "q", "chosen": "a", "rejected": "b", "margin": None}).margin is None
+
+
 def test_preference_chosen_identical_to_rejected():
     assert problem("preference", {"prompt": "q", "chosen": "same", "rejected": "same"}) == (
         "f.jsonl:7: field 'chosen' is identical to 'rejected' (a preference needs two different answers)"
@@ -248,10 +274,24 @@ def test_rating_score_text_not_a_number():
     )
 
 
-@pytest.mark.parametrize("score", [None, "", "  "])
+@pytest.mark.parametrize("score", ["", "  "])
 def test_rating_score_missing(score):
+    # An empty CSV cell is how CSV leaves a value out.
     assert problem("rating", {"prompt": "q", "response": "r", "score": score}) == (
         "f.jsonl:7: field 'score' is missing"
+    )
+    assert problem("rating", {"prompt": "q", "response": "r"}) == "f.jsonl:7: field 'score' is missing"
+
+
+def test_rating_score_null():
+    assert problem("rating", {"prompt": "q", "response": "r", "score": None}) == (
+        "f.jsonl:7: field 'score' is null; expected a number"
+    )
+
+
+def test_classification_label_null():
+    assert problem("classification", {"text": "t", "label": None}) == (
+        "f.jsonl:7: field 'label' is null; expected an integer >= 0"
     )
 
 

@@ -4,6 +4,11 @@ come back as rows with `error` set rather than exceptions."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +84,13 @@ def test_jsonl_blank_lines_are_skipped_but_counted(tmp_path):
 def test_jsonl_crlf_line_endings(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'{"text": "a"}\r\n{"text": "b"}\r\n')
+    assert pairs(load_rows(str(path))) == [(f"{path}:1", {"text": "a"}, None), (f"{path}:2", {"text": "b"}, None)]
+
+
+def test_jsonl_utf8_bom_is_accepted(tmp_path):
+    # Windows editors save "UTF-8 with BOM"; .json and .csv already accept it.
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
     assert pairs(load_rows(str(path))) == [(f"{path}:1", {"text": "a"}, None), (f"{path}:2", {"text": "b"}, None)]
 
 
@@ -284,6 +296,89 @@ def test_missing_file(tmp_path, name):
     with pytest.raises(DataError) as info:
         load_rows(str(path))
     assert str(info.value) == f"{path}: file not found"
+
+
+@pytest.mark.parametrize("name", ["x.jsonl", "data"])
+def test_a_folder_is_not_a_file(tmp_path, monkeypatch, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # `data` alone would otherwise be looked up as a Hugging Face dataset name
+    for spec in (str(folder), name, f"{name}/", f"./{name}"):
+        with pytest.raises(DataError) as info:
+            load_rows(spec)
+        assert str(info.value) == (
+            f"{spec}: is a folder, not a file; expected a .jsonl/.json/.csv/.parquet file, bundled:NAME or a "
+            "Hugging Face dataset name"
+        ), spec
+
+
+def test_a_folder_saved_by_datasets_says_how_to_export_it(tmp_path):
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "state.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_rows(str(folder))
+    assert str(info.value).endswith(
+        "(this looks like a dataset saved with save_to_disk: export it with "
+        "datasets.load_from_disk(...).to_json('FILE.jsonl') and pass the file)"
+    )
+
+
+def _load_rows_as_nobody(spec: str) -> subprocess.CompletedProcess:
+    """load_rows(spec) in a child that drops root to user nobody (65534), printing the DataError.
+
+    The child starts as root and drops after its imports: the interpreter may live under /root,
+    which nobody cannot enter (so `subprocess.run(user=65534)` cannot even start it).
+    """
+    code = (
+        "import os, sys\n"
+        "import pyarrow.parquet\n"
+        "from rlhfkit.data.sources import load_rows\n"
+        "from rlhfkit.errors import DataError\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "try:\n    load_rows(sys.argv[1])\nexcept DataError as exc:\n    print(exc)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=120)
+
+
+def _write_any(path: Path) -> None:
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": ["a"]}), path)
+    else:
+        path.write_text({".jsonl": '{"text": "a"}\n', ".json": '[{"text": "a"}]', ".csv": "text\na\n"}[path.suffix])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_unreadable_file_is_a_data_error_naming_it(suffix):
+    # Root reads any file whatever its mode, so as root the reading is done by user nobody; the
+    # folder is private to the test (tmp_path's parents are root-only, which nobody cannot enter).
+    folder = Path(tempfile.mkdtemp(prefix="rlhfkit-unreadable-"))
+    try:
+        path = folder / f"d{suffix}"
+        _write_any(path)
+        path.chmod(0o000 if os.geteuid() != 0 else 0o600)
+        expected = (f"{path}: cannot read the file: permission denied (check the permissions of the file "
+                    "and of its folders)")
+        if os.geteuid() != 0:
+            with pytest.raises(DataError) as info:
+                load_rows(str(path))
+            assert str(info.value) == expected
+            return
+        folder.chmod(0o755)  # nobody can see the file but not open it
+        res = _load_rows_as_nobody(str(path))
+        assert (res.returncode, res.stdout.strip(), res.stderr) == (0, expected, "")
+        folder.chmod(0o700)  # nor even look inside the folder
+        res = _load_rows_as_nobody(str(path))
+        assert (res.returncode, res.stdout.strip(), res.stderr) == (0, expected, "")
+    finally:
+        folder.chmod(0o700)
+        path.chmod(0o600)
+        path.unlink(missing_ok=True)
+        folder.rmdir()
 
 
 def test_empty_spec():

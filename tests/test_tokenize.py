@@ -168,3 +168,84 @@ def test_tokenize_prompt_ends_with_generation_prompt(tokenizer):
     assert tokenize_prompt(Sample("f:1", prompt="Hi"), tokenizer, chat_template="never") == tokenizer(
         "Hi", add_special_tokens=False
     )["input_ids"]
+
+
+# --------------------------------------------------------------------------------------------------
+# BOS added by the tokenizer's post-processor (Llama 3 style)
+
+BOS = "<|endoftext|>"
+BOS_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def bos_folder(tmp_path_factory):
+    """The bundled tokenizer made Llama-3-like: tokenizer.json's post-processor puts BOS first and
+    tokenizer_config.json says nothing about add_bos_token, so transformers 5 reports it False."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+
+    from rlhfkit.models.bundled import prepare_bundled_tokenizer
+
+    folder = tmp_path_factory.mktemp("bos_tokenizer")
+    shutil.copytree(prepare_bundled_tokenizer(), folder, dirs_exist_ok=True)
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    bos_id = backend.token_to_id(BOS)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+    )
+    backend.save(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert "add_bos_token" not in config
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": BOS}))
+    return folder
+
+
+def load_bos_tokenizer(folder, chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok.chat_template = chat_template
+    return tok
+
+
+def test_bos_from_the_post_processor_is_put_first_without_a_template(bos_folder):
+    tok = load_bos_tokenizer(bos_folder)
+    bos_id = tok.convert_tokens_to_ids(BOS)
+    assert not getattr(tok, "add_bos_token", False)  # the attribute the old check trusted
+    assert tok("Q: hi")["input_ids"] == [bos_id] + tok("Q: hi", add_special_tokens=False)["input_ids"]
+
+    prompt_ids = tok("Q: hi", add_special_tokens=False)["input_ids"]
+    completion_ids = tok(" A: yo", add_special_tokens=False)["input_ids"]
+    ex = tokenize_sft(Sample("f:1", prompt="Q: hi", completion=" A: yo"), tok, max_length=512)
+    assert ex.input_ids == [bos_id] + prompt_ids + completion_ids + [tok.eos_token_id]
+    assert ex.labels == [IGNORE] * (1 + len(prompt_ids)) + completion_ids + [tok.eos_token_id]
+
+    text = tokenize_sft(Sample("f:1", text="plain text"), tok, max_length=512)
+    assert text.input_ids == [bos_id] + tok("plain text", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert text.labels[0] == IGNORE and text.labels[1:] == text.input_ids[1:]
+
+    # the prompt a policy generates from is exactly what the tokenizer makes of it
+    assert tokenize_prompt(Sample("f:1", prompt="Hi"), tok) == tok("Hi")["input_ids"]
+
+
+def test_a_template_that_renders_bos_gets_it_once(bos_folder):
+    tok = load_bos_tokenizer(bos_folder, BOS_TEMPLATE)
+    bos_id = tok.convert_tokens_to_ids(BOS)
+    ex = tokenize_sft(Sample("f:1", prompt="Hi", completion="Yo"), tok, max_length=512)
+    assert tok.decode(ex.input_ids) == BOS + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
+    assert ex.input_ids.count(bos_id) == 1
+    assert trained_text(tok, ex) == "Yo<|im_end|>\n"
+    ids = tokenize_prompt(Sample("f:1", prompt="Hi"), tok)
+    assert ids[0] == bos_id and ids.count(bos_id) == 1
+
+
+def test_a_tokenizer_without_bos_gets_none(tokenizer):
+    from rlhfkit.data.tokenize import special_prefix
+
+    assert special_prefix(tokenizer) == []
+    assert tokenize_prompt(Sample("f:1", prompt="Hi"), tokenizer, chat_template="never") == tokenizer("Hi")["input_ids"]

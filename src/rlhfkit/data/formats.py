@@ -9,8 +9,8 @@
 | `classification` | `text` (string), `label` (integer >= 0; CSV text such as "2" accepted) |
 
 A message list is `[{"role": "user", "content": "..."}, ...]` with roles system/user/assistant/tool.
-Extra fields are ignored. Each problem is reported as `where: field 'x' is missing` (or empty, has the
-wrong type, ...), and `validate_rows` returns every problem so the user can fix them in one pass.
+Extra fields are ignored. Each problem is reported as `where: field 'x' is missing` (or null, empty, has
+the wrong type, ...), and `validate_rows` returns every problem so the user can fix them in one pass.
 """
 
 from __future__ import annotations
@@ -50,10 +50,21 @@ class RowProblem(Exception):
     """Raised inside validation for one row; collected, never shown as a traceback."""
 
 
-def _field(data: dict[str, Any], name: str, *, allow_messages: bool, required: bool = True) -> Text | None:
-    if name not in data or data[name] is None:
-        if required:
+def _absent(data: dict[str, Any], name: str, expected: str, required: bool) -> bool:
+    """True when field `name` is absent or null (an optional one); a required one raises, telling a
+    missing key from an explicit null: the fix differs (add the field vs. fill in its value)."""
+    if name in data and data[name] is not None:
+        return False
+    if required:
+        if name not in data:
             raise RowProblem(f"field '{name}' is missing")
+        raise RowProblem(f"field '{name}' is null; expected {expected}")
+    return True
+
+
+def _field(data: dict[str, Any], name: str, *, allow_messages: bool, required: bool = True) -> Text | None:
+    expected = "a string or a list of messages" if allow_messages else "a string"
+    if _absent(data, name, expected, required):
         return None
     value = data[name]
     if isinstance(value, str):
@@ -62,11 +73,12 @@ def _field(data: dict[str, Any], name: str, *, allow_messages: bool, required: b
         return value
     if allow_messages and isinstance(value, list):
         return _messages(value, name)
-    expected = "a string or a list of messages" if allow_messages else "a string"
     raise RowProblem(f"field '{name}' has the wrong type: expected {expected}, got {_kind(value)}")
 
 
 def _messages(value: Any, name: str) -> list[Message]:
+    if value is None:
+        raise RowProblem(f"field '{name}' is null; expected a list of messages")
     if not isinstance(value, list):
         raise RowProblem(f"field '{name}' has the wrong type: expected a list of messages, got {_kind(value)}")
     if not value:
@@ -78,11 +90,12 @@ def _messages(value: Any, name: str) -> list[Message]:
             raise RowProblem(f"{at}: expected an object with 'role' and 'content', got {_kind(msg)}")
         role, content = msg.get("role"), msg.get("content")
         if role is None:
-            raise RowProblem(f"{at}: 'role' is missing")
+            raise RowProblem(f"{at}: 'role' is missing" if "role" not in msg else f"{at}: 'role' is null")
         if role not in ROLES:
             raise RowProblem(f"{at}: 'role' must be one of {', '.join(ROLES)}, got {role!r}")
         if content is None:
-            raise RowProblem(f"{at}: 'content' is missing")
+            raise RowProblem(f"{at}: 'content' is missing" if "content" not in msg
+                             else f"{at}: 'content' is null; expected a string")
         if not isinstance(content, str):
             raise RowProblem(f"{at}: 'content' has the wrong type: expected a string, got {_kind(content)}")
         if role != "system" and not content.strip():
@@ -92,7 +105,9 @@ def _messages(value: Any, name: str) -> list[Message]:
 
 
 def _number(data: dict[str, Any], name: str, required: bool) -> float | None:
-    if name not in data or data[name] is None or (isinstance(data[name], str) and not data[name].strip()):
+    if _absent(data, name, "a number", required):
+        return None
+    if isinstance(data[name], str) and not data[name].strip():  # an empty CSV cell: the value was left out
         if required:
             raise RowProblem(f"field '{name}' is missing")
         return None
@@ -157,7 +172,8 @@ def _rating(row: Row) -> Sample:
 
 def _label(data: dict[str, Any], name: str) -> int:
     """A class index: an integer >= 0 (JSON 2 or 2.0, CSV text "2")."""
-    if name not in data or data[name] is None or (isinstance(data[name], str) and not data[name].strip()):
+    _absent(data, name, "an integer >= 0", required=True)
+    if isinstance(data[name], str) and not data[name].strip():  # an empty CSV cell
         raise RowProblem(f"field '{name}' is missing")
     value = data[name]
     if isinstance(value, bool):

@@ -4,6 +4,7 @@ Every row carries `where`, the place a person should look when it is wrong: `fil
 line), `file.json:40` (the line the object starts on), `file.csv:7`, `file.parquet: row 3`, or
 `hf:name[train]: row 3`. Rows that cannot even be parsed (invalid JSON, invalid UTF-8, not an object)
 come back with `error` set instead of `data`, so validation can list them with everything else.
+A file that cannot be read at all (a folder, no permission, an I/O error) is a DataError naming it.
 """
 
 from __future__ import annotations
@@ -47,12 +48,21 @@ def load_rows(spec: str, split: str = "train", max_samples: int = 0) -> list[Row
     if not spec:
         raise DataError("no dataset given: set data.train to a file (.jsonl/.json/.csv/.parquet) or a dataset name")
     if spec.startswith("bundled:"):
-        rows = _read_jsonl(bundled_dataset_path(spec.split(":", 1)[1]))
+        rows = _read_file(bundled_dataset_path(spec.split(":", 1)[1]))
     else:
         path = Path(os.path.expanduser(spec))
-        if path.is_file():
+        try:
+            is_file, is_dir = path.is_file(), path.is_dir()
+        except OSError as exc:  # e.g. a folder on the way that this user may not enter
+            raise _unreadable(path, exc) from None
+        if is_file:
             rows = _read_file(path)
-        elif path.suffix in SUFFIXES or spec.startswith((".", "/", "~")) or not _HF_NAME.match(spec):
+        elif is_dir:
+            # Checked before the hub name: datasets.load_dataset would read a local folder of that name
+            # anyway, guessing its files, so a folder is never a hub dataset here.
+            raise DataError(f"{spec}: is a folder, not a file; expected a .jsonl/.json/.csv/.parquet file, "
+                            "bundled:NAME or a Hugging Face dataset name" + _saved_dataset_hint(path))
+        elif path.suffix.lower() in SUFFIXES or spec.startswith((".", "/", "~")) or not _HF_NAME.match(spec):
             raise DataError(f"{spec}: file not found")
         else:
             rows = _read_hf(spec, split)
@@ -61,17 +71,35 @@ def load_rows(spec: str, split: str = "train", max_samples: int = 0) -> list[Row
     return rows
 
 
+def _saved_dataset_hint(folder: Path) -> str:
+    """What to do with a folder written by `datasets`' save_to_disk, which is not read directly."""
+    try:
+        saved = (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+    except OSError:
+        return ""
+    if not saved:
+        return ""
+    return (" (this looks like a dataset saved with save_to_disk: export it with "
+            "datasets.load_from_disk(...).to_json('FILE.jsonl') and pass the file)")
+
+
+def _unreadable(path: Path, exc: OSError) -> DataError:
+    """A file that exists but cannot be opened or read, named with the reason."""
+    if isinstance(exc, PermissionError):
+        return DataError(f"{path}: cannot read the file: permission denied (check the permissions of the file "
+                         "and of its folders)")
+    return DataError(f"{path}: cannot read the file: {exc.strerror or exc}")
+
+
 def _read_file(path: Path) -> list[Row]:
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".csv":
-        return _read_csv(path)
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    raise DataError(f"{path}: unsupported file type '{suffix}'; expected one of {', '.join(SUFFIXES)}")
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if suffix not in readers:
+        raise DataError(f"{path}: unsupported file type '{suffix}'; expected one of {', '.join(SUFFIXES)}")
+    try:
+        return readers[suffix](path)
+    except OSError as exc:  # permission denied, an I/O error, a file removed since it was found
+        raise _unreadable(path, exc) from None
 
 
 def _read_jsonl(path: Path) -> list[Row]:
@@ -80,7 +108,8 @@ def _read_jsonl(path: Path) -> list[Row]:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
             try:
-                text = raw.decode("utf-8")
+                # utf-8-sig drops a byte-order mark on line 1 (Windows editors write one), as .json/.csv do
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 rows.append(Row(where, error=f"not valid UTF-8 (byte {exc.start + 1} of the line)"))
                 continue
@@ -215,10 +244,12 @@ def _read_csv(path: Path) -> list[Row]:
 def _read_parquet(path: Path) -> list[Row]:
     import pyarrow.parquet as pq
 
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    # Opened here so that a file without read permission gets the same message as the other formats.
+    with open(path, "rb") as handle:
+        try:
+            table = pq.read_table(handle)
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     return [Row(f"{path}: row {i}", data=obj) for i, obj in enumerate(table.to_pylist(), start=1)]
 
 

@@ -3,12 +3,13 @@
 Labels are -100 wherever no loss is taken. With a chat template, the conversation is rendered
 incrementally: the text before each trained assistant turn (ending with the generation prompt, e.g.
 `<|im_start|>assistant\\n`) is context, the turn itself (content plus the end-of-turn token) is trained.
-Without a template, prompt and completion are concatenated and an EOS token ends the completion so the
-model learns to stop.
+Without a template, prompt and completion are concatenated, after the special tokens the tokenizer
+itself puts first (BOS), and an EOS token ends the completion so the model learns to stop.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -44,6 +45,24 @@ def use_template(tokenizer: PreTrainedTokenizerBase, mode: str) -> bool:
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+_PREFIXES: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, list[int]] = weakref.WeakKeyDictionary()
+
+
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids the tokenizer itself puts before a text (usually just BOS), found once per tokenizer.
+
+    Measured rather than read from `add_bos_token`: in transformers 5 that attribute comes only from
+    tokenizer_config.json, while e.g. Llama 3 adds BOS in its tokenizer.json post-processor and leaves the
+    attribute unset. Only the prefix is taken; the EOS ending a completion is added separately.
+    """
+    if tokenizer not in _PREFIXES:
+        plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+        full = tokenizer("x")["input_ids"]
+        start = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+        _PREFIXES[tokenizer] = list(full[:start])
+    return list(_PREFIXES[tokenizer])
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool) -> str:
@@ -95,9 +114,7 @@ def tokenize_sft(
 ) -> TokenizedExample:
     """Tokenize one SFT sample. Raises RowProblem when it cannot be trained on."""
     if sample.text is not None:
-        ids = _encode(tokenizer, sample.text) + [tokenizer.eos_token_id]
-        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-            ids = [tokenizer.bos_token_id] + ids
+        ids = special_prefix(tokenizer) + _encode(tokenizer, sample.text) + [tokenizer.eos_token_id]
         spans_ids = [(ids, True)]
     elif use_template(tokenizer, chat_template):
         messages, first = as_messages(sample)
@@ -105,13 +122,13 @@ def tokenize_sft(
             spans = _chat_spans(tokenizer, messages, first)
         else:  # every token is trained: no need to locate turns
             spans = [(render(tokenizer, messages, add_generation_prompt=False), True)]
+        # No special_prefix here: the template writes BOS itself when the model wants one (`{{ bos_token }}`),
+        # and transformers' apply_chat_template(tokenize=True) encodes without special tokens too.
         spans_ids = [(_encode(tokenizer, text), trained) for text, trained in spans]
     else:
         if isinstance(sample.prompt, list) or sample.messages is not None:
             raise RowProblem("chat messages need a chat template, but the tokenizer has none (or data.chat_template=never)")
-        prompt_ids = _encode(tokenizer, sample.prompt or "")
-        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+        prompt_ids = special_prefix(tokenizer) + _encode(tokenizer, sample.prompt or "")
         spans_ids = [(prompt_ids, False), (_encode(tokenizer, sample.completion or "") + [tokenizer.eos_token_id], True)]
 
     input_ids: list[int] = []
@@ -144,10 +161,7 @@ def tokenize_prompt(sample: Sample, tokenizer: PreTrainedTokenizerBase, chat_tem
         return _encode(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
     if isinstance(prompt, list):
         raise RowProblem("chat messages need a chat template, but the tokenizer has none (or data.chat_template=never)")
-    ids = _encode(tokenizer, prompt or "")
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
+    return special_prefix(tokenizer) + _encode(tokenizer, prompt or "")
 
 
 @dataclass
