@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from rlhfkit.cli import main
 from tests.test_sft import _cli
 
 
@@ -18,6 +21,37 @@ def test_usage_errors_exit_2_without_a_traceback(tmp_path: Path) -> None:
         res = _cli(*args, cwd=tmp_path)
         assert res.returncode == 2, (args, res.returncode, res.stderr[-500:])
         assert expect in res.stdout + res.stderr and "Traceback" not in res.stderr, args
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["sft", "--bogus", "1"], "No such option: --bogus"),
+    (["dpo", "train.lr=1e-4", "--bogus=1", "--print-config"], "No such option: --bogus"),
+    (["gym", "ppo", "-x"], "No such option: -x"),
+    (["sft", "--confg", "c.yaml"], "No such option: --confg  Did you mean --config?"),
+])
+def test_unknown_option_to_a_recipe_is_a_usage_error(args, message, capsys, tmp_path, monkeypatch) -> None:
+    # Recipe commands pass extra arguments through as key=value overrides; options must not slip through.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out, err = capsys.readouterr()
+    assert info.value.code == 2
+    assert f"Error: {message}\n" in err and f"Usage: rlhfkit {' '.join(args[:2] if args[0] == 'gym' else args[:1])}" in err
+    assert out == "" and not any(tmp_path.iterdir())  # stopped before the config was even read
+
+
+def test_overrides_still_pass_through(capsys) -> None:
+    main(["sft", "train.lr=0.25", "--print-config"])  # returns: exit code 0
+    assert "lr: 0.25" in capsys.readouterr().out
+
+
+def test_validate_an_empty_file_is_an_error(tmp_path: Path) -> None:
+    # docs/data.md: an empty file is an error for `data validate` as for training.
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(SystemExit) as info:
+        main(["data", "validate", str(path)])
+    assert info.value.code == 2
 
 
 def test_ctrl_c_stops_a_run_with_exit_code_130(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ Problems the user can fix (config, data, model) print one clear message and exit
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -68,6 +69,20 @@ def _load(cls: type, config: Optional[Path], overrides: list[str], print_config:
     return cfg
 
 
+def _reject_unknown_options(ctx: typer.Context) -> None:
+    """Refuse extra arguments that look like options (`--bogus 1`) with click's usage error (exit code 2).
+
+    Recipe commands let click pass unknown arguments through (allow_extra_args, ignore_unknown_options)
+    so that `key=value` overrides reach the config; options, too, would otherwise arrive there.
+    """
+    for arg in ctx.args:
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            known = [o for p in ctx.command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")]
+            close = difflib.get_close_matches(name, [*known, *ctx.help_option_names], n=1)
+            ctx.fail(f"No such option: {name}" + (f"  Did you mean {close[0]}?" if close else ""))
+
+
 def _recipe(group: typer.Typer, name: str, target: str, doc: str) -> None:
     """Register `rlhfkit [group] NAME --config F key=value ... [--print-config] [--resume [PATH]]` for the
     recipe at `target` ('module:ConfigClass'; the module's `train(cfg, resume)` runs it)."""
@@ -81,6 +96,7 @@ def _recipe(group: typer.Typer, name: str, target: str, doc: str) -> None:
     ) -> None:
         import importlib
 
+        _reject_unknown_options(ctx)
         module_name, cls_name = target.split(":")
         module = importlib.import_module(module_name)  # imported on use: `rlhfkit --help` stays fast
         cfg = _load(getattr(module, cls_name), config, list(ctx.args), print_config)
@@ -259,7 +275,8 @@ def _main(argv: list[str] | None) -> None:
 
     # peft still calls transformers' deprecated alias on every LoRA model; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # peft looks for the base model's config under the spec string (bundled:...) when saving an adapter.
+    # peft checks the base model's config on the hub when an adapter's base is a hub id; offline
+    # (HF_HUB_OFFLINE=1) that check fails with this warning although the adapter is saved correctly.
     warnings.filterwarnings("ignore", message="Could not find a config file in .*", category=UserWarning)
     args = _normalize_resume(list(sys.argv[1:] if argv is None else argv))
     try:

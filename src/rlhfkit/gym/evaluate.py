@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +81,36 @@ def _env_config(cls: Any, spec: dict[str, Any], folder: str) -> Any:
         raise RlhfkitError(f"{folder}: agent.json field 'env' does not describe an environment ({exc})") from None
 
 
+@contextlib.contextmanager
+def quiet_rendering() -> Iterator[None]:
+    """Keep SDL quiet while frames are rendered for a GIF, then restore the environment variables.
+
+    Rendering starts pygame, whose SDL probes for a sound device and a Wayland display; on a headless
+    machine that prints `error: XDG_RUNTIME_DIR is invalid or not set in the environment.` (and ALSA
+    complaints) although nothing fails. Off-screen frames need neither, so unless the user chose them,
+    audio goes to SDL's dummy driver and the runtime folder is an empty private one.
+    """
+    saved = {k: os.environ.get(k) for k in ("SDL_AUDIODRIVER", "XDG_RUNTIME_DIR")}
+    with tempfile.TemporaryDirectory(prefix="rlhfkit-sdl-") as runtime_dir:
+        os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+        os.environ.setdefault("XDG_RUNTIME_DIR", runtime_dir)  # mode 0700, as the XDG spec asks
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 def evaluate_saved(folder: str, *, episodes: int, seed: int, gif: str = "", deterministic: bool = True
                    ) -> dict[str, float]:
+    with quiet_rendering() if gif else contextlib.nullcontext():
+        return _evaluate_saved(folder, episodes=episodes, seed=seed, gif=gif, deterministic=deterministic)
+
+
+def _evaluate_saved(folder: str, *, episodes: int, seed: int, gif: str, deterministic: bool) -> dict[str, float]:
     agent, spec, norms = load_agent(folder)
     if not isinstance(spec.get("env"), dict):
         raise RlhfkitError(f"{folder}: agent.json names no environment (field 'env')")
