@@ -45,3 +45,8 @@ def nan_score(prompts: list, completions: list[str]) -> list[float]:
 
 def explodes(prompts: list, completions: list[str]) -> list[float]:
     raise RuntimeError("scorer crashed")
+
+
+def huge_score(prompts: list, completions: list[str]) -> list[float]:
+    """Finite but absurd (1e30): PPO's value loss and gradients overflow to inf."""
+    return [1e30] * len(completions)

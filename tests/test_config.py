@@ -12,12 +12,12 @@ from rlhfkit.config import describe, load_config, opt, section
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.load import LoraConfig, ModelConfig
 from rlhfkit.recipes.sft import SFTConfig, SFTDataConfig
-from rlhfkit.runtime.loop import TrainConfig
+from rlhfkit.runtime.optim import TrainConfig
 
 TRAIN_KEYS = (
     "adam_beta1, adam_beta2, adam_eps, batch_size, epochs, eval_batch_size, eval_every, grad_accum, log_every, "
-    "lr, max_grad_norm, max_steps, min_lr_ratio, mixed_precision, save_every, save_total_limit, scheduler, "
-    "warmup_ratio, warmup_steps, weight_decay"
+    "lr, max_grad_norm, max_nonfinite_skips, max_steps, min_lr_ratio, mixed_precision, on_nonfinite, save_every, "
+    "save_total_limit, scheduler, warmup_ratio, warmup_steps, weight_decay"
 )
 
 

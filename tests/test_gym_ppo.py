@@ -271,5 +271,6 @@ def test_resume_with_a_foreign_optimizer_state_is_a_clear_error(tmp_path: Path) 
     agent = ActorCritic(4, "discrete", 2, {"hidden": [64, 64], "activation": "tanh", "shared": False,
                                            "ortho_init": True, "log_std_init": 0.0})
     torch.save(torch.optim.Adam(agent.parameters()).state_dict(), ckpt / "optimizer.pt")
+    (ckpt / "manifest.json").unlink()  # such old checkpoints had no manifest (it would call the file damaged)
     with pytest.raises(RlhfkitError, match="optimizer state does not fit"):
         train(load_config(GymPPOConfig, None, args), resume=str(ckpt))

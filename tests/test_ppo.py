@@ -12,9 +12,10 @@ import torch
 
 from rlhfkit.config import load_config
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.recipes.ppo import PPOConfig, penalize_unfinished, token_rewards, train
+from rlhfkit.recipes.ppo import PPOConfig, train
 from rlhfkit.rl.advantages import token_gae
 from rlhfkit.rl.rewards import build_reward_sources, parse_source, score_all
+from rlhfkit.rl.shaping import penalize_unfinished, token_rewards
 from tests.conftest import write_jsonl
 from tests.test_sft import _cli, _losses
 

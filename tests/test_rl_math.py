@@ -314,16 +314,45 @@ def test_kl_estimators_hand_computed() -> None:
         kl_penalty(logp, ref, "k4")  # type: ignore[arg-type]
 
 
-def test_kl_clamp() -> None:
+def test_kl_clamp_bounds_the_estimate_not_the_log_ratio() -> None:
     logp, ref = t(-1.0, -2.0, -0.5), t(-1.5, -1.0, -0.5)
     torch.testing.assert_close(kl_penalty(logp, ref, clamp=0.6), t(0.5, -0.6, 0.0))
-    torch.testing.assert_close(kl_penalty(logp, ref, "k2", clamp=0.6), t(0.125, 0.18, 0.0))
+    # k2 = (0.125, 0.5, 0): the estimate 0.5 is clamped to 0.4 (clamping the log-ratio would give 0.18)
+    torch.testing.assert_close(kl_penalty(logp, ref, "k2", clamp=0.4), t(0.125, 0.4, 0.0))
     # huge ratio: r = 200 overflows exp in float32 without a clamp
     logp, ref = t(-200.0), t(0.0)
     assert torch.isinf(kl_penalty(logp, ref, "k3")).all()
-    clamped = kl_penalty(logp, ref, "k3", clamp=10.0)
-    assert torch.isfinite(clamped).all()
-    assert clamped.item() == pytest.approx(math.exp(10) - 11, rel=1e-6)  # 22015.4658
+    # kl_penalty(-10, 0, "k3", clamp=10) was e^10 - 11 = 22015 per token with the log-ratio clamped
+    assert kl_penalty(t(-10.0), t(0.0), "k3", clamp=10.0).item() == pytest.approx(10.0)
+    assert kl_penalty(logp, ref, "k3", clamp=10.0).item() == pytest.approx(10.0)
+    assert kl_penalty(t(-1.0), t(0.0), "k3", clamp=10.0).item() == pytest.approx(math.e - 2.0)  # below the bound
+
+
+def _kl_loss_gradient(estimator: str) -> torch.Tensor:
+    """Exact expected gradient (w.r.t. the policy's logits) of E_{x~pi}[k(x)] used as a loss on samples
+    from pi, the way a KL-in-loss term is differentiated: sum_x pi(x) * d k(x) / d logits, with pi(x)
+    itself treated as the sampling distribution (no gradient through the sampling)."""
+    logits = torch.tensor([0.3, -1.2, 0.8, 0.1, -0.4, 1.5], dtype=torch.float64, requires_grad=True)
+    ref_logp = torch.log_softmax(torch.tensor([0.0, 0.5, -0.5, 1.0, 0.2, -1.0], dtype=torch.float64), -1)
+    logp = torch.log_softmax(logits, -1)
+    weights = logp.exp().detach()
+    loss = (weights * kl_penalty(logp, ref_logp, estimator)).sum()  # type: ignore[arg-type]
+    (grad,) = torch.autograd.grad(loss, logits)
+    return grad
+
+
+def test_kl_estimators_as_losses_have_the_documented_gradients() -> None:
+    # k1 as a loss: E_pi[d log pi] = 0, so no regularization at all (why kl_in=loss refuses it)
+    torch.testing.assert_close(_kl_loss_gradient("k1"), torch.zeros(6, dtype=torch.float64), atol=1e-12, rtol=0)
+    logits = torch.tensor([0.3, -1.2, 0.8, 0.1, -0.4, 1.5], dtype=torch.float64, requires_grad=True)
+    ref_logp = torch.log_softmax(torch.tensor([0.0, 0.5, -0.5, 1.0, 0.2, -1.0], dtype=torch.float64), -1)
+    logp = torch.log_softmax(logits, -1)
+    forward_kl = (logp.exp() * (logp - ref_logp)).sum()  # KL(pi || ref)
+    reverse_kl = (ref_logp.exp() * (ref_logp - logp)).sum()  # KL(ref || pi)
+    (g_forward,) = torch.autograd.grad(forward_kl, logits, retain_graph=True)
+    (g_reverse,) = torch.autograd.grad(reverse_kl, logits)
+    torch.testing.assert_close(_kl_loss_gradient("k2"), g_forward)
+    torch.testing.assert_close(_kl_loss_gradient("k3"), g_reverse)
 
 
 def test_fixed_kl_controller() -> None:

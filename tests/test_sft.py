@@ -145,7 +145,7 @@ def test_bad_data_lists_rows_exits_nonzero_and_writes_nothing(tmp_path: Path) ->
     assert not run.exists(), "nothing may be written before the data is valid"
 
     res = _cli("sft", *TINY, f"data.train={data}", "data.on_error=skip", "train.max_steps=1", "data.eval_fraction=0",
-               f"output_dir={run}", cwd=tmp_path)
+               "train.batch_size=1", f"output_dir={run}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "skipped 4 invalid row(s)" in res.stdout
 

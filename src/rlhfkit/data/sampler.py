@@ -13,7 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import ConfigError, RlhfkitError
+
+
+def check_batch_size(num_items: int, batch_size: int, world_size: int = 1, *, key: str = "train.batch_size",
+                     what: str = "training examples") -> None:
+    """Refuse a global batch larger than the data: the epoch would repeat examples inside one batch
+    (8 examples in a batch of 64 means each seen 8 times per "epoch"), and a huge batch would be
+    allocated before anything else could complain."""
+    if batch_size * world_size > num_items:
+        per = f" x {world_size} processes" if world_size > 1 else ""
+        raise ConfigError(key, f"{batch_size}{per} is larger than the {num_items} {what}; lower it to at most "
+                               f"{max(1, num_items // world_size)} or add data")
 
 
 class BatchSampler:

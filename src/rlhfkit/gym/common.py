@@ -293,6 +293,13 @@ class GymSession:
     state: dict[str, Any]
     """The restored checkpoint's state (empty for a new run): recipes read their statistics here."""
     logger: Any
+    folder: Any = None
+    """The claimed run folder (runtime.rundir.RunFolder): its lock is released by `close`."""
+
+    def close(self) -> None:
+        self.logger.close()
+        if self.folder is not None:
+            self.folder.release()
 
 
 def open_gym_session(cfg: Any, agent: SavableAgent, *, lr: float, adam_eps: float, anneal_lr: bool, updates: int,
@@ -300,24 +307,27 @@ def open_gym_session(cfg: Any, agent: SavableAgent, *, lr: float, adam_eps: floa
     """Adam over `params` (default: all of the agent's) with linear decay to 0 over `updates` when asked,
     the run folder, and on resume the weights, optimizer, schedule and this rank's RNG state of the
     checkpoint. Seeds sampling per rank after the (rank-independent) network init."""
+    from rlhfkit.runtime.checkpoint import restore_training_state
     from rlhfkit.runtime.distributed import print0
-    from rlhfkit.runtime.loop import prepare_run_dir, restore_training_state
     from rlhfkit.runtime.metrics import MetricsLogger
+    from rlhfkit.runtime.rundir import claim_run_dir
     from rlhfkit.runtime.seeding import seed_everything
 
     optimizer = make_adam(agent.parameters() if params is None else params, lr, adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / updates) if anneal_lr else 1.0)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
+    folder = claim_run_dir(cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)  # locks it
     seed_everything(cfg.seed + 7919 * info.rank)  # sampling differs per rank
     start, state = 0, {}
-    if resume is not None:
-        state = restore_training_state(run_dir, resume, model=agent, optimizer=optimizer, scheduler=scheduler,
+    if folder.resume_from is not None:
+        state = restore_training_state(folder.resume_from, model=agent, optimizer=optimizer, scheduler=scheduler,
                                        info=info)
         start = state["step"]
+    folder.start(cfg)
+    if folder.resume_from is not None:
         print0(info, f"resumed from {state['folder']} at update {start}/{updates}")
-    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
+    logger = MetricsLogger(folder.path, enabled=info.is_main, tensorboard=cfg.tensorboard,
                            resume_step=start if resume is not None else None)
-    return GymSession(optimizer, scheduler, run_dir, updates, start, state, logger)
+    return GymSession(optimizer, scheduler, folder.path, updates, start, state, logger, folder)
 
 
 class UpdateLoop:
@@ -332,6 +342,7 @@ class UpdateLoop:
         self.train_seconds = float(session.state.get("train_seconds", 0.0))
         self.reached = session.state.get("reached_target")
         self.last_eval = steps_done // cfg.eval.every if cfg.eval.every else 0  # evaluations already done
+        self.last_return: float | None = None  # of the latest update in which episodes finished
         self.bar = ProgressBar(session.updates, enabled=cfg.progress and info.is_main, start=session.start,
                                description=cfg.env.id, unit="env steps")
 
@@ -339,8 +350,8 @@ class UpdateLoop:
                    evaluate: Any, agent: SavableAgent, extra_state: Any, restart: Any) -> bool:
         """Record update `update` (`steps` environment steps so far, `new_steps` of them in this update,
         `elapsed` seconds); returns True when the run should stop (target reached with stop_at_target)."""
+        from rlhfkit.runtime.checkpoint import save_training_state
         from rlhfkit.runtime.distributed import print0
-        from rlhfkit.runtime.loop import save_training_state
 
         cfg, logger, last = self.cfg, self.session.logger, update == self.session.updates
         self.train_seconds += elapsed
@@ -348,7 +359,7 @@ class UpdateLoop:
                       "env_steps": float(steps)})
         if update % cfg.log_every == 0 or last:
             logger.log(update, stats)
-        self.bar.update(1, new_steps, elapsed, f"return {stats.get('episode/return', float('nan')):.1f}")
+        self.bar.update(1, new_steps, elapsed, self.return_text(stats))
         every = cfg.eval.every
         if (every and steps // every > self.last_eval) or last:
             self.last_eval = steps // every if every else self.last_eval
@@ -369,6 +380,13 @@ class UpdateLoop:
             if not last:
                 restart(update)
         return stop
+
+    def return_text(self, stats: dict[str, float]) -> str:
+        """`return 123.4` for the progress bar: the training episodes of the latest update that finished
+        any (long episodes span several updates), `return -` until the first episode ends."""
+        if "episode/return" in stats:
+            self.last_return = stats["episode/return"]
+        return "return -" if self.last_return is None else f"return {self.last_return:.1f}"
 
     def close(self) -> None:
         self.bar.close()

@@ -397,7 +397,7 @@ def _train(cfg: GymDQNConfig, resume: str | None, info: DistInfo) -> Path:
         if stop:
             break
     loop.close()
-    session.logger.close()
+    session.close()
     run.envs.close()
     out = session.run_dir / "agent"
     agent.save_pretrained(str(out))

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from rlhfkit.config import opt, section
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.errors import ConfigError
 from rlhfkit.gym.common import (
     EnvConfig,
     EpisodeTracker,
@@ -47,6 +47,7 @@ from rlhfkit.gym.fastgrad import FlatParams, PPOGrad
 from rlhfkit.losses.ppo import clipped_policy_loss, clipped_value_loss, explained_variance
 from rlhfkit.rl.advantages import gae
 from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum, barrier, print0, run_on_ranks
+from rlhfkit.runtime.optim import NonFiniteError
 from rlhfkit.runtime.seeding import seed_everything
 
 
@@ -300,7 +301,7 @@ def run_ppo_updates(cfg: Any, p: PPOUpdateConfig, agent: SavableAgent, info: Dis
         divergence = param_divergence(agent, info)
         session.logger.log(update, {"dist/param_divergence": divergence})
         print0(info, f"parameters across {info.world_size} processes: max difference {divergence:.3g}")
-    session.logger.close()
+    session.close()
     return session
 
 
@@ -407,8 +408,9 @@ def ppo_update(agent: Any, flat: FlatParams, optimizer: torch.optim.Optimizer, b
     means = dict(zip(keys, (totals / count).tolist()))
     bad = [k for k, v in means.items() if not math.isfinite(v)]
     if bad:
-        raise RlhfkitError(f"the PPO update diverged: non-finite {', '.join(bad)}; lower ppo.lr, keep "
-                           "ppo.max_grad_norm > 0, or normalize observations/rewards (ppo.normalize_obs, ppo.normalize_reward)")
+        raise NonFiniteError(f"the PPO update diverged: non-finite {', '.join(bad)}; no agent was written and the "
+                             "last finite checkpoint is kept. Lower ppo.lr, keep ppo.max_grad_norm > 0, or normalize "
+                             "observations/rewards (ppo.normalize_obs, ppo.normalize_reward)")
     return means
 
 

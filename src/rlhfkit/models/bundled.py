@@ -20,7 +20,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +89,7 @@ def _gguf_key(path: Path) -> str:
     return f"{path.stem}-{digest[:12]}"
 
 
-def _build_atomically(target: Path, build: callable) -> Path:
+def build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
     """Run `build(tmp_folder)` and rename the result to `target`, under a lock; skip if it exists."""
     if (target / ".complete").is_file():
         return target
@@ -140,7 +140,7 @@ def prepare_gguf(gguf: Path, name: str | None = None) -> Path:
     """Return a cached HF folder converted from `gguf` (converting it on first use)."""
     folder = cache_dir() / "models" / (name or _gguf_key(gguf))
     folder.parent.mkdir(parents=True, exist_ok=True)
-    return _build_atomically(folder, lambda tmp: convert_gguf(gguf, tmp))
+    return build_atomically(folder, lambda tmp: convert_gguf(gguf, tmp))
 
 
 def prepare_bundled(name: str = DEFAULT_BUNDLED) -> Path:
@@ -156,4 +156,4 @@ def prepare_bundled_tokenizer(name: str = DEFAULT_BUNDLED) -> Path:
     gguf = bundled_gguf_path(name)
     folder = cache_dir() / "tokenizers" / name
     folder.parent.mkdir(parents=True, exist_ok=True)
-    return _build_atomically(folder, lambda tmp: _load_gguf_tokenizer(gguf).save_pretrained(str(tmp)))
+    return build_atomically(folder, lambda tmp: _load_gguf_tokenizer(gguf).save_pretrained(str(tmp)))

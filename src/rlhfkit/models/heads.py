@@ -24,8 +24,16 @@ from transformers import (
 from rlhfkit.data.formats import Message, RowProblem, Sample
 from rlhfkit.data.tokenize import IGNORE, tokenize_sft
 from rlhfkit.errors import DataError, ModelError, RlhfkitError
-from rlhfkit.models.load import ModelConfig, load_causal_lm, load_tokenizer, resolve_device, resolve_spec
-from rlhfkit.runtime.checkpoint import is_peft, unwrap
+from rlhfkit.models.load import (
+    SPEC_ATTR,
+    ModelConfig,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    resolve_spec,
+)
+from rlhfkit.models.wrap import is_peft, unwrap
 
 HEAD = "score"  # the head's attribute name in every *ForSequenceClassification of decoder-only models
 
@@ -129,6 +137,10 @@ def build_reward_model(
         raise ModelError(f"{cfg.name}: cannot build a reward model from {type(causal).__name__} "
                          f"(weights outside the backbone: {left[:3]})")
     init_score_head(score_head(model), head_init, seed)
+    # Same loadable name and spec as the causal LM (PEFT adapters on it name their base from these).
+    model.name_or_path = causal.name_or_path
+    setattr(model, SPEC_ATTR, getattr(causal, SPEC_ATTR, None))
+    disable_dropout(model)  # the backbone's already is; this covers anything the classification class adds
     model.train()
     return model.to(device) if device is not None else model
 
@@ -137,7 +149,7 @@ def load_reward_model(
     spec: str, device: str | torch.device = "auto", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A trained reward model (folder written by `rlhfkit reward`, or any *ForSequenceClassification
-    folder / hub id) and its tokenizer, in eval mode on `device`."""
+    folder / hub id) and its tokenizer, in eval mode on `device`, with dropout off (disable_dropout)."""
     resolved = resolve_spec(spec)
     if resolved.kind not in ("folder", "hub"):
         raise ModelError(f"'{spec}' is not a reward model: expected the model/ folder of an `rlhfkit reward` run "
@@ -156,6 +168,7 @@ def load_reward_model(
     tokenizer = load_tokenizer(spec, trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(model)  # callers may train it (PPO's critic): forwards must stay deterministic
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     return model.to(dev).eval(), tokenizer
 

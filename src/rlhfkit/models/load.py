@@ -12,6 +12,13 @@ A model spec is accepted everywhere a model is named:
 
 Weights are read from safetensors only (`use_safetensors=True`): pickle checkpoints can run code when
 loaded. `trust_remote_code` stays off unless the config turns it on.
+
+A loaded model's `name_or_path` is a folder or hub id that transformers/peft can load by themselves
+(for `bundled:` the converted cache folder, for `tiny:` a cached copy of the built model), because
+PEFT copies it into an adapter's `base_model_name_or_path`. The rlhfkit spec itself is kept on the
+model as the `rlhfkit_spec` attribute and saved beside adapters in `rlhfkit.json` (models/save.py);
+rlhfkit reads that first when it loads an adapter, so `tiny:`/`bundled:` bases are rebuilt from the
+spec on any machine.
 """
 
 from __future__ import annotations
@@ -24,15 +31,29 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rlhfkit.config import opt
 from rlhfkit.errors import ConfigError, ModelError
 from rlhfkit.models.bundled import prepare_bundled, prepare_bundled_tokenizer, prepare_gguf
-from rlhfkit.models.tiny import TINY_ARCHS, build_tiny
+from rlhfkit.models.tiny import TINY_ARCHS, build_tiny, prepare_tiny
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SPEC_FILE = "rlhfkit.json"
+"""Written beside adapter_config.json: {"base_model": SPEC}, the rlhfkit spec of the adapter's base."""
+SPEC_ATTR = "rlhfkit_spec"
+"""Attribute of a model loaded by load_causal_lm: the spec it came from (normalized, see _record_spec)."""
+# Files any one of which makes a folder hold a tokenizer AutoTokenizer can try (fast, sentencepiece,
+# BPE/WordPiece vocabularies, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "*.tiktoken")
 
 
 @dataclass
@@ -166,6 +187,8 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False, revision: str = "
             return load_tokenizer(source, trust_remote_code, revision)
     else:
         source = resolved.target
+    if resolved.kind == "folder" and not any(any(Path(source).glob(f)) for f in TOKENIZER_FILES):
+        raise ModelError(_no_tokenizer_message(Path(source)))
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=trust_remote_code, revision=revision or None
@@ -173,18 +196,103 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False, revision: str = "
     except OSError as exc:
         if resolved.kind == "hub":
             raise _hub_error(spec, exc) from None
-        raise ModelError(f"could not load a tokenizer from {source}: {exc}") from None
+        raise ModelError(f"could not load a tokenizer from {source}: {str(exc).splitlines()[0][:300]}") from None
+    except (ValueError, TypeError) as exc:
+        if resolved.kind == "hub":
+            raise
+        # e.g. tokenizer_config.json without the vocabulary files it refers to
+        raise ModelError(f"could not load a tokenizer from {source}: {str(exc).splitlines()[0][:300]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
+def _no_tokenizer_message(folder: Path) -> str:
+    return (
+        f"{folder} has a model (config.json) but no tokenizer files (none of {', '.join(TOKENIZER_FILES)}). "
+        "Save the tokenizer of the model it was trained from into it, e.g. "
+        "AutoTokenizer.from_pretrained(BASE).save_pretrained(FOLDER); a checkpoint's model/ folder holds no "
+        "tokenizer: use the run's final model/ folder, or copy its tokenizer files."
+    )
+
+
 def _adapter_base(folder: Path) -> str:
+    """The base model spec of an adapter folder: rlhfkit.json's spec when it has one (written by rlhfkit,
+    rebuilt from the spec on any machine), else adapter_config.json's base_model_name_or_path (adapters
+    from other tools, checkpoints, and older rlhfkit versions, which stored the spec there)."""
+    spec_file = folder / SPEC_FILE
+    if spec_file.is_file():
+        try:
+            spec = json.loads(spec_file.read_text()).get("base_model")
+        except (ValueError, AttributeError):
+            raise ModelError(f"{spec_file} is not valid JSON with a 'base_model' entry") from None
+        # A recorded folder that has gone (moved run) loses to base_model_name_or_path if that exists.
+        if isinstance(spec, str) and spec and (spec.startswith(("bundled:", "tiny:")) or Path(spec).exists()):
+            return spec
     meta = json.loads((folder / "adapter_config.json").read_text())
     base = meta.get("base_model_name_or_path")
     if not base:
         raise ModelError(f"{folder}/adapter_config.json names no base_model_name_or_path")
     return base
+
+
+def _record_spec(spec: str, resolved: ResolvedSpec, tiny_folder: Path | None) -> tuple[str, str]:
+    """(spec to keep in rlhfkit_spec, name_or_path for transformers/peft). Paths become absolute so that
+    an adapter's base still resolves from another working directory."""
+    spec = spec.strip()
+    if resolved.kind in ("folder", "adapter", "gguf"):
+        spec = os.path.abspath(os.path.expanduser(spec))
+    if resolved.kind == "hub":
+        return spec, spec
+    if tiny_folder is not None:  # tiny: the cached copy (resolved.target is only the arch)
+        return spec, os.path.abspath(tiny_folder)
+    return spec, os.path.abspath(resolved.target)  # bundled/gguf: the converted folder
+
+
+def _is_dropout_prob(name: str, value: object) -> bool:
+    """A dropout probability: a float in [0, 1] whose name says dropout (attention_dropout, resid_pdrop,
+    layerdrop, ...). Ints, bools, None and strings are left alone: a zero int is already off, and
+    anything else is not a probability."""
+    return (
+        ("dropout" in name or name.endswith("pdrop") or name == "layerdrop")
+        and isinstance(value, float)
+        and 0.0 <= value <= 1.0
+    )
+
+
+def _zero_config_dropout(config: PretrainedConfig, seen: set[int]) -> None:
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):  # sub-configs (text_config, vision_config, ...)
+            _zero_config_dropout(value, seen)
+        elif _is_dropout_prob(name, value):
+            setattr(config, name, 0.0)
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn every kind of dropout off, in place; returns `model`.
+
+    PPO/DPO log-prob ratios and exact resume need train-mode forwards to be deterministic. Setting
+    `nn.Dropout.p` is not enough: Llama, Qwen2, Mistral, ... read the float `self.attention_dropout` in
+    their attention forward (train mode only), and modules built later from the config (a reward head,
+    a value model) copy the config's values. So this zeroes (1) every nn.Dropout, (2) every float
+    attribute of a module whose name says dropout, (3) the dropout probabilities of every config found
+    on the modules (sub-configs included). Works on DDP-, PEFT-wrapped and composite models; on a PEFT
+    model the LoRA dropout is turned off too.
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if _is_dropout_prob(name, value):
+                setattr(module, name, 0.0)
+        config = vars(module).get("config")
+        if isinstance(config, PretrainedConfig):
+            _zero_config_dropout(config, seen)
+    return model
 
 
 def load_causal_lm(
@@ -193,16 +301,18 @@ def load_causal_lm(
     """Load the causal LM named by `cfg.name` on `device`, dropout off, weights from safetensors only."""
     resolved = resolve_spec(cfg.name)
     dtype = resolve_dtype(cfg.dtype)
+    tiny_folder = None
     if resolved.kind == "tiny":
         tokenizer = tokenizer or load_tokenizer(cfg.name)
-        model = build_tiny(resolved.target, tokenizer).to(dtype)
+        model = build_tiny(resolved.target, tokenizer)
+        tiny_folder = prepare_tiny(resolved.target, model, tokenizer)
+        model = model.to(dtype)
     elif resolved.kind == "adapter":
         from peft import PeftModel
 
         base_cfg = ModelConfig(**{**cfg.__dict__, "name": _adapter_base(Path(resolved.target))})
         base = load_causal_lm(base_cfg, device=torch.device("cpu"))
         model = PeftModel.from_pretrained(base, resolved.target).merge_and_unload()
-        model.config.name_or_path = cfg.name
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -228,19 +338,19 @@ def load_causal_lm(
             if "trust_remote_code" in str(exc):
                 raise ConfigError("model.trust_remote_code", f"{cfg.name} needs custom code: {exc}") from None
             raise ModelError(f"could not load {cfg.name}: {exc}") from None
-    if resolved.kind in ("bundled", "tiny"):
-        # Adapters saved later name the spec (not this machine's cache path) as their base model.
-        model.config.name_or_path = cfg.name
-        model.name_or_path = cfg.name
+    # PEFT copies name_or_path into an adapter's base_model_name_or_path, so it must be something
+    # transformers can load (for tiny: the cached copy); rlhfkit's spec goes to rlhfkit.json (models/save.py).
+    spec, loadable = _record_spec(cfg.name, resolved, tiny_folder)
+    model.config.name_or_path = loadable
+    model.name_or_path = loadable
+    setattr(model, SPEC_ATTR, spec)
     if resolved.kind == "tiny" and cfg.attn_implementation != "sdpa":
         model.config._attn_implementation = cfg.attn_implementation
     # No KV cache in training forwards: with one, transformers skips packed-sequence detection and
     # packed examples would attend to each other. Generation turns the cache on explicitly.
     model.config.use_cache = False
     # Dropout off: PPO/DPO log-prob ratios and exact resume both need deterministic forwards.
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    disable_dropout(model)
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
         if enable is not None:

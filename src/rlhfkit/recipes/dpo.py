@@ -10,7 +10,6 @@ The same file runs alone or under `torchrun`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import os
@@ -18,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from rlhfkit.config import opt, section
 from rlhfkit.data.collate import pad_batch
 from rlhfkit.data.config import DataConfig, load_train_eval
-from rlhfkit.data.sampler import BatchSampler
+from rlhfkit.data.sampler import BatchSampler, check_batch_size
 from rlhfkit.data.tokenize import PairExample, tokenize_preference
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.dpo import dpo_loss
@@ -39,27 +38,18 @@ from rlhfkit.models.load import (
     count_parameters,
     load_causal_lm,
     load_tokenizer,
-    resolve_device,
 )
-from rlhfkit.recipes.sft import save_final_model
-from rlhfkit.runtime.checkpoint import unwrap
+from rlhfkit.models.save import save_final_model
+from rlhfkit.models.wrap import reference_mode, unwrap
 from rlhfkit.runtime.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
-    local_rank_from_env,
     print0,
-    run_on_ranks,
 )
-from rlhfkit.runtime.loop import (
-    TrainConfig,
-    autocast,
-    autocast_dtype,
-    check_run_dir,
-    optimizer_step,
-)
+from rlhfkit.runtime.optim import TrainConfig, autocast, autocast_dtype
 from rlhfkit.runtime.seeding import quiet_transformers, seed_everything
-from rlhfkit.runtime.session import open_session
+from rlhfkit.runtime.session import RunConfig, Session, check, launch, open_session
 
 
 @dataclass
@@ -82,22 +72,15 @@ class DPOLossConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(RunConfig):
     output_dir: str = opt("runs/dpo", "run folder: config, metrics, TensorBoard logs, checkpoints, final model")
-    overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
     seed: int = opt(42, "seed for LoRA init and data order (tiny:* models always start from the same weights)")
-    progress: bool = opt(True, "show a progress bar")
-    tensorboard: bool = opt(True, "write TensorBoard logs to output_dir/tensorboard")
     model: ModelConfig = section(ModelConfig, "policy model to fine-tune (also the reference unless dpo.ref_model is set)")
     lora: LoraConfig = section(LoraConfig, "LoRA adapter (the reference is then the base with adapters disabled)")
     data: DPODataConfig = section(DPODataConfig, "preference data")
     dpo: DPOLossConfig = section(DPOLossConfig, "DPO loss and reference model")
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, batch_size=4),
                                metadata={"help": "optimization (batch_size counts pairs)"})
-
-    def validate(self) -> None:
-        if not self.output_dir.strip():
-            raise ConfigError("output_dir", "expected a folder path for the run")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,17 +100,6 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: torc
     with autocast(device, amp):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return sequence_logprobs(logits, batch["labels"], chunk_size=chunk)
-
-
-@contextlib.contextmanager
-def reference_mode(model: torch.nn.Module, ref_model: torch.nn.Module | None):
-    """Yield the module that computes reference log-probs: the frozen copy, or the base (adapters off)."""
-    if ref_model is not None:
-        yield ref_model
-    else:
-        inner = unwrap(model)
-        with inner.disable_adapter():
-            yield inner
 
 
 @torch.no_grad()
@@ -205,8 +177,13 @@ def prune_cache(folder: Path, keep: int) -> None:
 # Metrics
 
 
+SUMS = ("count", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+        "logps/chosen", "logps/rejected")
+"""The per-pair sums `_stats` returns, in this order; `_metrics` divides them by the count."""
+
+
 def _stats(losses: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, pc: torch.Tensor, pr: torch.Tensor) -> torch.Tensor:
-    """Sums to all-reduce: count, loss, reward chosen/rejected, accuracy, margin, logps chosen/rejected."""
+    """Sums over the pairs to all-reduce, one per name in SUMS (B,) -> (8,)."""
     return torch.stack([
         torch.tensor(float(losses.numel())), losses.detach().sum().cpu(), rc.sum().cpu(), rr.sum().cpu(),
         (rc > rr).float().sum().cpu(), (rc - rr).sum().cpu(), pc.detach().sum().cpu(), pr.detach().sum().cpu(),
@@ -214,13 +191,9 @@ def _stats(losses: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, pc: torch.T
 
 
 def _metrics(prefix: str, s: torch.Tensor) -> dict[str, float]:
-    n = max(s[0].item(), 1.0)
-    return {
-        f"{prefix}loss": s[1].item() / n, f"{prefix}rewards/chosen": s[2].item() / n,
-        f"{prefix}rewards/rejected": s[3].item() / n, f"{prefix}rewards/accuracies": s[4].item() / n,
-        f"{prefix}rewards/margins": s[5].item() / n, f"{prefix}logps/chosen": s[6].item() / n,
-        f"{prefix}logps/rejected": s[7].item() / n,
-    }
+    sums = dict(zip(SUMS, s.tolist()))
+    n = max(sums.pop("count"), 1.0)
+    return {f"{prefix}{name}": value / n for name, value in sums.items()}
 
 
 def _loss(cfg: DPOConfig, logps: torch.Tensor, counts: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor):  # noqa: ANN202
@@ -233,7 +206,7 @@ def _loss(cfg: DPOConfig, logps: torch.Tensor, counts: torch.Tensor, ref_c: torc
 def evaluate(model: torch.nn.Module, pairs: list[PairExample], ref: tuple[torch.Tensor, torch.Tensor], cfg: DPOConfig,
              pad_id: int, device: torch.device, amp: torch.dtype | None, info: DistInfo) -> dict[str, float]:
     model.eval()
-    totals = torch.zeros(8, dtype=torch.float64)
+    totals = torch.zeros(len(SUMS), dtype=torch.float64)
     mine = list(range(info.rank, len(pairs), info.world_size))
     for start in range(0, len(mine), cfg.train.eval_batch_size):
         idx = mine[start : start + cfg.train.eval_batch_size]
@@ -251,24 +224,41 @@ def evaluate(model: torch.nn.Module, pairs: list[PairExample], ref: tuple[torch.
 
 def train(cfg: DPOConfig, resume: str | None = None) -> Path:
     """Run DPO; returns the folder of the final model. `resume` = 'latest' or a checkpoint path."""
-    device = resolve_device(cfg.model.device, local_rank_from_env())
-    return run_on_ranks(lambda info: _train(cfg, resume, device, info), device)
+    return launch(_train, cfg, resume)
 
 
-def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:
+@dataclass
+class _Setup:
+    run: Session
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None
+    """The live reference (precompute_ref=false); None under LoRA (the base without adapters) or when precomputed."""
+    tokenizer: Any
+    sampler: BatchSampler
+    pairs: list[PairExample]
+    eval_pairs: list[PairExample]
+    ref: tuple[torch.Tensor, torch.Tensor] | None
+    """Precomputed reference log-probs of the training pairs ((N,) chosen, (N,) rejected)."""
+    eval_ref: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _setup(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistInfo) -> _Setup:
+    """Data, run folder (claimed before the long reference pass), policy and reference, session."""
     quiet_transformers()
     seed_everything(cfg.seed)
     d = cfg.data
     if not d.train.strip():
         raise ConfigError("data.train", "expected a preference data file or dataset name (prompt, chosen, rejected)")
+    amp = autocast_dtype(cfg.train.mixed_precision, device)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
     tok = partial(tokenize_preference, tokenizer=tokenizer, max_length=d.max_length, chat_template=d.chat_template,
                   truncation=d.truncation)
     pairs, eval_pairs, skipped = load_train_eval(d, "preference", tok, cfg.seed)
     if skipped:
         print0(info, f"skipped {len(skipped)} invalid row(s) (data.on_error=skip); first: {skipped[0]}")
+    check_batch_size(len(pairs), cfg.train.batch_size, info.world_size, what="training pairs")
+    check(cfg, resume, info)
 
-    check_run_dir(cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
     model = load_causal_lm(cfg.model, device, tokenizer)
     # The reference: another model, or the starting policy. Under LoRA that is the base with adapters
     # disabled (ref_model None, no second copy); a full fine-tune needs a frozen copy only when the
@@ -283,13 +273,13 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
         model = apply_lora(model, cfg.lora)
     # Reference log-probs come first: on resume the checkpoint's weights are loaded into the policy
     # next, and a full fine-tune's precomputed reference is the policy as it is now.
-    amp, pad_id = autocast_dtype(cfg.train.mixed_precision, device), tokenizer.pad_token_id
-    ref_kwargs = {"batch_size": cfg.train.eval_batch_size, "pad_id": pad_id, "device": device, "amp": amp,
-                  "chunk": cfg.dpo.logprob_chunk, "info": info}
-    eval_ref = None
+    ref_kwargs = {"batch_size": cfg.train.eval_batch_size, "pad_id": tokenizer.pad_token_id, "device": device,
+                  "amp": amp, "chunk": cfg.dpo.logprob_chunk, "info": info}
+    ref, eval_ref = None, None
     if cfg.dpo.precompute_ref:
         t0 = time.perf_counter()
         ref_c, ref_r, hit = cached_reference(model, ref_model, pairs, **ref_kwargs)
+        ref = (ref_c, ref_r)
         if eval_pairs:
             eval_ref = cached_reference(model, ref_model, eval_pairs, **ref_kwargs)[:2]
         print0(info, f"reference log-probs {'loaded from cache' if hit else 'computed'} in {time.perf_counter() - t0:.1f} s")
@@ -299,19 +289,27 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
 
     sampler = BatchSampler(len(pairs), cfg.train.batch_size, seed=cfg.seed, shuffle=d.shuffle, rank=info.rank,
                            world_size=info.world_size, lengths=[p.length for p in pairs], group_by_length=d.group_by_length)
-    run = open_session(cfg, model=model, sampler=sampler, resume=resume, info=info, device=device)
-    if run.finished:
-        return run.run_dir / "model"
-    trainable, total = count_parameters(model)
-    print0(info, f"policy {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; {len(pairs)} train / "
-                 f"{len(eval_pairs)} eval pairs; reference: {'precomputed' if cfg.dpo.precompute_ref else 'live'}, "
-                 f"{cfg.dpo.ref_model or ('base without adapters' if cfg.lora.enabled else 'starting policy')}")
+    run = open_session(cfg, model=model, sampler=sampler, resume=resume, info=info, device=device, recipe="dpo")
+    if not run.finished:
+        trainable, total = count_parameters(model)
+        print0(info, f"policy {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; {len(pairs)} train / "
+                     f"{len(eval_pairs)} eval pairs; reference: {'precomputed' if cfg.dpo.precompute_ref else 'live'}, "
+                     f"{cfg.dpo.ref_model or ('base without adapters' if cfg.lora.enabled else 'starting policy')}")
+    return _Setup(run, model, ref_model, tokenizer, sampler, pairs, eval_pairs, ref, eval_ref)
 
-    ddp = run.ddp
+
+def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:
+    s = _setup(cfg, resume, device, info)
+    run, model, ref_model, sampler, pairs = s.run, s.model, s.ref_model, s.sampler, s.pairs
+    out = run.run_dir / "model"
+    if run.finished:
+        run.close()
+        return out
+    ddp, amp, pad_id = run.ddp, run.amp, s.tokenizer.pad_token_id
 
     def log_eval(step: int) -> None:
-        if eval_pairs and eval_ref is not None:
-            m = evaluate(ddp, eval_pairs, eval_ref, cfg, pad_id, device, amp, info)
+        if s.eval_pairs and s.eval_ref is not None:
+            m = evaluate(ddp, s.eval_pairs, s.eval_ref, cfg, pad_id, device, amp, info)
             run.logger.log(step, m)
             print0(info, f"step {step}: eval loss {m['eval/loss']:.4f}, accuracy {m['eval/rewards/accuracies']:.3f}, "
                          f"margin {m['eval/rewards/margins']:.4f}")
@@ -322,28 +320,27 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
     model.train()
     for step in range(run.start + 1, run.steps + 1):
         t0 = time.perf_counter()
-        stats = torch.zeros(8, dtype=torch.float64)
+        stats = torch.zeros(len(SUMS), dtype=torch.float64)
         n_tokens = 0
         for k in range(cfg.train.grad_accum):
             idx = sampler.next()
             batch = _pair_batch([pairs[i] for i in idx], pad_id, device)
             n_tokens += int(batch["attention_mask"].sum())
-            if cfg.dpo.precompute_ref:
-                rc, rr = ref_c[idx].to(device), ref_r[idx].to(device)
+            if s.ref is not None:
+                ref_chosen, ref_rejected = s.ref[0][idx].to(device), s.ref[1][idx].to(device)
             else:
                 with torch.no_grad(), reference_mode(model, ref_model) as ref:
                     ref_logps, _ = pair_logps(ref, batch, amp, cfg.dpo.logprob_chunk)
-                rc, rr = ref_logps[: len(idx)], ref_logps[len(idx) :]
-            sync = k == cfg.train.grad_accum - 1 or not info.enabled
-            with ddp.no_sync() if not sync else contextlib.nullcontext():
+                ref_chosen, ref_rejected = ref_logps[: len(idx)], ref_logps[len(idx) :]
+            with run.no_sync(last=k == cfg.train.grad_accum - 1):
                 logps, counts = pair_logps(ddp, batch, amp, cfg.dpo.logprob_chunk)  # (2B,)
-                losses, chosen_r, rejected_r = _loss(cfg, logps, counts, rc, rr)
+                losses, chosen_r, rejected_r = _loss(cfg, logps, counts, ref_chosen, ref_rejected)
                 # Every pair weighs the same: mean over the micro-batch, averaged over micro-batches
                 # (all micro-batches hold batch_size pairs) and over ranks (by DDP).
                 loss = losses.mean() / cfg.train.grad_accum
-                (run.scaler.scale(loss) if run.scaler else loss).backward()
+                run.backward(loss)
             stats += _stats(losses, chosen_r, rejected_r, logps[: len(idx)], logps[len(idx) :])
-        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.train.max_grad_norm, run.scaler)
+        grad_norm, lr = run.step(model, step, {"train/loss": stats[1].item() / max(stats[0].item(), 1.0)})
         stats = all_reduce_sum(stats, info)
         elapsed = time.perf_counter() - t0
         tokens_all = all_reduce_sum(torch.tensor(float(n_tokens)), info).item()
@@ -357,10 +354,8 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
             log_eval(step)
     bar.close()
     log_eval(run.steps)
-    out = run.run_dir / "model"
     if info.is_main:
-        save_final_model(model, tokenizer, out, merge=cfg.lora.merge)
+        save_final_model(model, s.tokenizer, out, merge=cfg.lora.merge)
         print(f"saved model to {out}", flush=True)
-    run.logger.close()
+    run.close()
     return out
-

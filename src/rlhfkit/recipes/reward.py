@@ -21,7 +21,6 @@ stored in its config.json as `rlhfkit_*` attributes and in `reward_stats.json`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -37,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhfkit.config import opt, section
 from rlhfkit.data.config import DataConfig, load_train_eval
 from rlhfkit.data.formats import VALIDATORS, RowProblem, Sample, _field, enforce
-from rlhfkit.data.sampler import BatchSampler
+from rlhfkit.data.sampler import BatchSampler, check_batch_size
 from rlhfkit.data.sources import Row, load_rows
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.losses.reward import (
@@ -66,23 +65,16 @@ from rlhfkit.models.load import (
     apply_lora,
     count_parameters,
     load_tokenizer,
-    resolve_device,
 )
-from rlhfkit.runtime.checkpoint import unwrap
+from rlhfkit.models.wrap import unwrap
 from rlhfkit.runtime.distributed import (
     DistInfo,
     all_reduce_sum,
-    local_rank_from_env,
     print0,
-    run_on_ranks,
 )
-from rlhfkit.runtime.loop import (
-    TrainConfig,
-    autocast,
-    optimizer_step,
-)
+from rlhfkit.runtime.optim import TrainConfig, autocast
 from rlhfkit.runtime.seeding import quiet_transformers, seed_everything
-from rlhfkit.runtime.session import open_session
+from rlhfkit.runtime.session import RunConfig, Session, check, launch, open_session
 
 __all__ = ["RewardConfig", "train", "score_file", "score_texts", "load_reward_model", "encode_response"]
 
@@ -101,12 +93,9 @@ class RewardDataConfig(DataConfig):
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(RunConfig):
     output_dir: str = opt("runs/reward", "run folder: config, metrics, TensorBoard logs, checkpoints, final model")
-    overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
     seed: int = opt(42, "seed for head init, LoRA init and data order")
-    progress: bool = opt(True, "show a progress bar")
-    tensorboard: bool = opt(True, "write TensorBoard logs to output_dir/tensorboard")
     mode: Mode = opt("pairwise", "pairwise: Bradley-Terry on preference pairs; regression: MSE on rated "
                                  "responses; classification: cross-entropy on labeled texts")
     num_labels: int = opt(0, "head outputs: 0 = 1 for pairwise/regression, (largest label + 1) for classification", ge=0)
@@ -126,8 +115,7 @@ class RewardConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimization"})
 
     def validate(self) -> None:
-        if not self.output_dir.strip():
-            raise ConfigError("output_dir", "expected a folder path for the run")
+        super().validate()
         if self.mode != "classification" and self.num_labels > 1:
             raise ConfigError("num_labels", f"mode={self.mode} predicts one scalar; use 0 or 1 (or mode=classification)")
         if self.mode == "classification" and self.num_labels == 1:
@@ -191,8 +179,10 @@ def _prepare_data(cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase) -> tupl
 # which add up over micro-batches and ranks and are turned into means by _metrics.
 
 SUM_KEYS = {
-    "pairwise": ["loss", "n", "tokens", "correct", "margin", "chosen", "r", "rr", "nr"],
-    "regression": ["loss", "n", "tokens", "se", "sp", "sy", "spp", "syy", "spy"],
+    # pairwise: r_sum, r_sq_sum and r_count run over every scored response (chosen and rejected)
+    "pairwise": ["loss", "n", "tokens", "correct", "margin", "chosen", "r_sum", "r_sq_sum", "r_count"],
+    # regression: p = prediction (reward units), y = target; the sums give MSE, mean/std and Pearson's r
+    "regression": ["loss", "n", "tokens", "sq_err", "p_sum", "y_sum", "p_sq_sum", "y_sq_sum", "py_sum"],
     "classification": ["loss", "n", "tokens", "correct"],
 }
 
@@ -222,12 +212,13 @@ def _forward(model: torch.nn.Module, items: list[RewardExample], cfg: RewardConf
                                      cfg.center_rewards_coefficient)
         r = out.detach().double()
         sums.update(correct=float((r[:B] > r[B:]).sum()), margin=float((r[:B] - r[B:]).sum()),
-                    chosen=float(r[:B].sum()), r=float(r.sum()), rr=float((r * r).sum()), nr=float(r.numel()))
+                    chosen=float(r[:B].sum()), r_sum=float(r.sum()), r_sq_sum=float((r * r).sum()),
+                    r_count=float(r.numel()))
     elif cfg.mode == "regression":
         loss, _ = regression_loss(out, (targets - norm.mean) / norm.std)
         p, y = out.detach().double() * norm.std + norm.mean, targets.double()
-        sums.update(se=float(((p - y) ** 2).sum()), sp=float(p.sum()), sy=float(y.sum()), spp=float((p * p).sum()),
-                    syy=float((y * y).sum()), spy=float((p * y).sum()))
+        sums.update(sq_err=float(((p - y) ** 2).sum()), p_sum=float(p.sum()), y_sum=float(y.sum()),
+                    p_sq_sum=float((p * p).sum()), y_sq_sum=float((y * y).sum()), py_sum=float((p * y).sum()))
     else:
         loss, _ = classification_loss(out, targets.long())
         sums["correct"] = float((out.argmax(-1) == targets.long()).sum())
@@ -248,13 +239,13 @@ def _metrics(mode: str, s: dict[str, float], prefix: str) -> dict[str, float]:
     n = max(s["n"], 1.0)
     out = {"loss": s["loss"] / n}
     if mode == "pairwise":
-        mean, std = mean_std_from_sums(s["nr"], s["r"], s["rr"])
+        mean, std = mean_std_from_sums(s["r_count"], s["r_sum"], s["r_sq_sum"])
         out.update(accuracy=s["correct"] / n, margin=s["margin"] / n, chosen=s["chosen"] / n,
-                   rejected=(s["r"] - s["chosen"]) / n, reward_mean=mean, reward_std=std)
+                   rejected=(s["r_sum"] - s["chosen"]) / n, reward_mean=mean, reward_std=std)
     elif mode == "regression":
-        mean, std = mean_std_from_sums(s["n"], s["sp"], s["spp"])
-        out.update(mse=s["se"] / n, pearson=pearson_from_sums(s["n"], s["sp"], s["sy"], s["spp"], s["syy"], s["spy"]),
-                   reward_mean=mean, reward_std=std)
+        mean, std = mean_std_from_sums(s["n"], s["p_sum"], s["p_sq_sum"])
+        pearson = pearson_from_sums(s["n"], s["p_sum"], s["y_sum"], s["p_sq_sum"], s["y_sq_sum"], s["py_sum"])
+        out.update(mse=s["sq_err"] / n, pearson=pearson, reward_mean=mean, reward_std=std)
     else:
         out["accuracy"] = s["correct"] / n
     return {f"{prefix}/{k}": v for k, v in out.items()}
@@ -280,22 +271,35 @@ def evaluate(model: torch.nn.Module, items: list[RewardExample], cfg: RewardConf
 
 def train(cfg: RewardConfig, resume: str | None = None) -> Path:
     """Train a reward model; returns the folder of the final model. `resume` = 'latest' or a checkpoint path."""
-    device = resolve_device(cfg.model.device, local_rank_from_env())
-    return run_on_ranks(lambda info: _train(cfg, resume, device, info), device)
+    return launch(_train, cfg, resume)
 
 
-def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:
+@dataclass
+class _Setup:
+    run: Session
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    sampler: BatchSampler
+    train_items: list[RewardExample]
+    eval_items: list[RewardExample]
+    norm: TargetNorm
+
+
+def _setup(cfg: RewardConfig, resume: str | None, device: torch.device, info: DistInfo) -> _Setup:
+    """Data (validated, tokenized), run folder (claimed), model (+ head, LoRA), session (resume)."""
     quiet_transformers()
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
     train_items, eval_items, skipped, num_labels = _prepare_data(cfg, tokenizer)
     if skipped:
         print0(info, f"skipped {len(skipped)} invalid row(s) (data.on_error=skip); first: {skipped[0]}")
+    check_batch_size(len(train_items), cfg.train.batch_size, info.world_size)
     norm = TargetNorm()
     if cfg.mode == "regression" and cfg.normalize_targets:
         mean, std = mean_std_from_sums(len(train_items), sum(e.target for e in train_items),
                                        sum(e.target**2 for e in train_items))
         norm = TargetNorm(mean, std if std > 1e-8 else 1.0)
+    check(cfg, resume, info)
 
     # The head has no bias, so a random init adds a shared offset to every score. Pairwise losses only see
     # differences and ignore it; regression would spend its first steps unlearning it, hence zeros there.
@@ -309,19 +313,28 @@ def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: Di
     sampler = BatchSampler(len(train_items), cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
                            rank=info.rank, world_size=info.world_size,
                            lengths=[max(map(len, e.seqs)) for e in train_items], group_by_length=cfg.data.group_by_length)
-    run = open_session(cfg, model=model, sampler=sampler, resume=resume, info=info, device=device)
+    run = open_session(cfg, model=model, sampler=sampler, resume=resume, info=info, device=device, recipe="reward")
+    if not run.finished:
+        trainable, total = count_parameters(model)
+        print0(info, f"{cfg.mode} reward model on {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; "
+                     f"{len(train_items)} train / {len(eval_items)} eval examples; device {device}, "
+                     f"{info.world_size} process(es)")
+    return _Setup(run, model, tokenizer, sampler, train_items, eval_items, norm)
+
+
+def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:
+    s = _setup(cfg, resume, device, info)
+    run, model, sampler, norm = s.run, s.model, s.sampler, s.norm
+    out = run.run_dir / "model"
     if run.finished:
-        return run.run_dir / "model"
-    trainable, total = count_parameters(model)
-    print0(info, f"{cfg.mode} reward model on {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; "
-                 f"{len(train_items)} train / {len(eval_items)} eval examples; device {device}, {info.world_size} process(es)")
-    ddp, amp, logger = run.ddp, run.amp, run.logger
-    pad_id = tokenizer.pad_token_id
+        run.close()
+        return out
+    ddp, amp, logger, pad_id = run.ddp, run.amp, run.logger, s.tokenizer.pad_token_id
     headline = "eval/loss" if cfg.mode == "regression" else "eval/accuracy"
 
     def log_eval(step: int) -> None:
-        if eval_items:
-            metrics = evaluate(ddp, eval_items, cfg, pad_id, device, amp, norm, info)
+        if s.eval_items:
+            metrics = evaluate(ddp, s.eval_items, cfg, pad_id, device, amp, norm, info)
             logger.log(step, metrics)
             print0(info, f"step {step}: {headline} {metrics[headline]:.4f}")
 
@@ -331,19 +344,17 @@ def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: Di
     model.train()
     for step in range(run.start + 1, run.steps + 1):
         t0 = time.perf_counter()
-        micro = [[train_items[i] for i in sampler.next()] for _ in range(cfg.train.grad_accum)]
+        micro = [[s.train_items[i] for i in sampler.next()] for _ in range(cfg.train.grad_accum)]
         # Every example weighs the same: divide by this rank's examples in the step (the sampler always
         # fills its batches, so it is the same on every rank and DDP's gradient mean finishes the job).
         per_rank = sum(len(m) for m in micro)
         sums = dict.fromkeys(SUM_KEYS[cfg.mode], 0.0)
         for k, items in enumerate(micro):
-            sync = k == len(micro) - 1 or not info.enabled
-            with ddp.no_sync() if not sync else contextlib.nullcontext():
-                loss, s = _forward(ddp, items, cfg, pad_id, device, amp, norm)
-                loss = loss * len(items) / per_rank
-                (run.scaler.scale(loss) if run.scaler else loss).backward()
-            sums = _add(sums, s)
-        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.train.max_grad_norm, run.scaler)
+            with run.no_sync(last=k == len(micro) - 1):
+                loss, part = _forward(ddp, items, cfg, pad_id, device, amp, norm)
+                run.backward(loss * len(items) / per_rank)
+            sums = _add(sums, part)
+        grad_norm, lr = run.step(model, step, {"train/loss": sums["loss"] / max(sums["n"], 1.0)})
 
         sums = _reduce(sums, info)
         metrics = _metrics(cfg.mode, sums, "train")
@@ -353,8 +364,8 @@ def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: Di
             **metrics, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": sums["tokens"] / elapsed,
             "train/step_seconds": elapsed,
         })
-        if run.should_eval(step) and eval_items:
-            logger.log(step, evaluate(ddp, eval_items, cfg, pad_id, device, amp, norm, info))
+        if run.should_eval(step) and s.eval_items:
+            logger.log(step, evaluate(ddp, s.eval_items, cfg, pad_id, device, amp, norm, info))
     bar.close()
     log_eval(run.steps)
 
@@ -362,16 +373,15 @@ def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: Di
     # use them to normalise rewards, and a reader sees what scale this model outputs.
     attrs: dict[str, Any] = {"rlhfkit_mode": cfg.mode, "rlhfkit_chat_template": cfg.data.chat_template}
     if cfg.mode != "classification":
-        stats = evaluate(ddp, train_items, cfg, pad_id, device, amp, norm, info, prefix="stats")
+        stats = evaluate(ddp, s.train_items, cfg, pad_id, device, amp, norm, info, prefix="stats")
         attrs.update(rlhfkit_reward_mean=stats["stats/reward_mean"], rlhfkit_reward_std=stats["stats/reward_std"])
         logger.log(run.steps, {"stats/reward_mean": stats["stats/reward_mean"], "stats/reward_std": stats["stats/reward_std"]})
     if cfg.mode == "regression":
         attrs.update(rlhfkit_target_mean=norm.mean, rlhfkit_target_std=norm.std)
-    out = run.run_dir / "model"
     if info.is_main:
-        save_reward_model(model, tokenizer, out, attrs)
+        save_reward_model(model, s.tokenizer, out, attrs)
         print(f"saved reward model to {out}", flush=True)
-    logger.close()
+    run.close()
     return out
 
 

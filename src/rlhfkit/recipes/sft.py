@@ -8,11 +8,11 @@ and checkpoint. The same file runs alone or under `torchrun` (DDP, data sharded 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,9 +20,8 @@ from rlhfkit.config import opt, section
 from rlhfkit.data.collate import pack_examples, packed_batch, pad_batch
 from rlhfkit.data.config import DataConfig, load_train_eval
 from rlhfkit.data.formats import Sample, Text
-from rlhfkit.data.sampler import BatchSampler
+from rlhfkit.data.sampler import BatchSampler, check_batch_size
 from rlhfkit.data.tokenize import TokenizedExample, tokenize_prompt, tokenize_sft
-from rlhfkit.errors import ConfigError
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models.load import (
     LoraConfig,
@@ -31,24 +30,18 @@ from rlhfkit.models.load import (
     count_parameters,
     load_causal_lm,
     load_tokenizer,
-    resolve_device,
 )
+from rlhfkit.models.save import save_final_model
 from rlhfkit.rollout.generate import generate_text
 from rlhfkit.runtime.checkpoint import unwrap
 from rlhfkit.runtime.distributed import (
     DistInfo,
     all_reduce_sum,
-    local_rank_from_env,
     print0,
-    run_on_ranks,
 )
-from rlhfkit.runtime.loop import (
-    TrainConfig,
-    autocast,
-    optimizer_step,
-)
+from rlhfkit.runtime.optim import TrainConfig, autocast
 from rlhfkit.runtime.seeding import quiet_transformers, seed_everything
-from rlhfkit.runtime.session import open_session
+from rlhfkit.runtime.session import RunConfig, Session, check, launch, open_session
 
 
 @dataclass
@@ -59,12 +52,9 @@ class SFTDataConfig(DataConfig):
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunConfig):
     output_dir: str = opt("runs/sft", "run folder: config, metrics, TensorBoard logs, checkpoints, final model")
-    overwrite: bool = opt(False, "replace an existing run in output_dir instead of refusing")
     seed: int = opt(42, "seed for LoRA init, data order and sampling (tiny:* models always start from the same weights)")
-    progress: bool = opt(True, "show a progress bar")
-    tensorboard: bool = opt(True, "write TensorBoard logs to output_dir/tensorboard")
     sample_every: int = opt(0, "log sample generations every N steps; 0 = before and after training only", ge=0)
     sample_prompts: list[str] = opt([], "prompts for sample generations; empty = the first 3 eval prompts")
     sample_max_new_tokens: int = opt(64, "new tokens per sample generation", gt=0)
@@ -72,10 +62,6 @@ class SFTConfig:
     lora: LoraConfig = section(LoraConfig, "LoRA adapter (or full fine-tuning when disabled)")
     data: SFTDataConfig = section(SFTDataConfig, "training and eval data")
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimization"})
-
-    def validate(self) -> None:
-        if not self.output_dir.strip():
-            raise ConfigError("output_dir", "expected a folder path for the run")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,11 +126,23 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[Text], cfg: SFTConfi
 
 def train(cfg: SFTConfig, resume: str | None = None) -> Path:
     """Run SFT; returns the folder of the final model. `resume` = 'latest' or a checkpoint path."""
-    device = resolve_device(cfg.model.device, local_rank_from_env())
-    return run_on_ranks(lambda info: _train(cfg, resume, device, info), device)
+    return launch(_train, cfg, resume)
 
 
-def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:
+@dataclass
+class _Setup:
+    run: Session
+    model: torch.nn.Module
+    tokenizer: Any
+    sampler: BatchSampler
+    train_items: list
+    eval_items: list
+    prompts: list[Text]
+
+
+def _setup(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistInfo) -> _Setup:
+    """Everything before the first step, in the order that writes nothing until all of it succeeded:
+    data (validated and tokenized), run folder (claimed and locked), model, session (resume)."""
     quiet_transformers()
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
@@ -153,7 +151,10 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
         print0(info, f"skipped {len(skipped)} invalid row(s) (data.on_error=skip); first: {skipped[0]}")
     train_items = _micro_items([t for t, _ in train_pairs], cfg)
     eval_items = _micro_items([t for t, _ in eval_pairs], cfg)
+    check_batch_size(len(train_items), cfg.train.batch_size, info.world_size,
+                     what="packed training rows" if cfg.data.packing else "training examples")
     prompts = cfg.sample_prompts or [_prompt_of(s) for _, s in eval_pairs[:3]]
+    check(cfg, resume, info)
 
     model = load_causal_lm(cfg.model, device, tokenizer)
     if cfg.lora.enabled:
@@ -161,21 +162,30 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
     sampler = BatchSampler(len(train_items), cfg.train.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, rank=info.rank,
                            world_size=info.world_size, lengths=[len(i.input_ids) for i in train_items],
                            group_by_length=cfg.data.group_by_length)
-    run = open_session(cfg, model=model, sampler=sampler, resume=resume, info=info, device=device)
-    if run.finished:
-        return run.run_dir / "model"
+    run = open_session(cfg, model=model, sampler=sampler, resume=resume, info=info, device=device, recipe="sft")
     trainable, total = count_parameters(model)
-    print0(info, f"model {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; "
-                 f"{len(train_pairs)} train / {len(eval_pairs)} eval examples; device {device}, {info.world_size} process(es)")
+    if not run.finished:
+        print0(info, f"model {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; {len(train_pairs)} "
+                     f"train / {len(eval_pairs)} eval examples; device {device}, {info.world_size} process(es)")
+    return _Setup(run, model, tokenizer, sampler, train_items, eval_items, prompts)
+
+
+def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:
+    s = _setup(cfg, resume, device, info)
+    run, model, tokenizer, sampler, train_items = s.run, s.model, s.tokenizer, s.sampler, s.train_items
+    out = run.run_dir / "model"
+    if run.finished:
+        run.close()
+        return out
     ddp, amp, pad_id = run.ddp, run.amp, tokenizer.pad_token_id
 
     def log_eval(step: int) -> None:
-        if eval_items:
-            metrics = evaluate(ddp, eval_items, cfg, pad_id, device, amp, info)
+        if s.eval_items:
+            metrics = evaluate(ddp, s.eval_items, cfg, pad_id, device, amp, info)
             run.logger.log(step, metrics)
             print0(info, f"step {step}: eval loss {metrics['eval/loss']:.4f}")
-        if prompts and info.is_main:
-            run.logger.samples(step, "samples", sample(model, tokenizer, prompts, cfg))
+        if s.prompts and info.is_main:
+            run.logger.samples(step, "samples", sample(model, tokenizer, s.prompts, cfg))
 
     if run.start == 0:
         log_eval(0)
@@ -189,20 +199,19 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
         local_tokens = sum(_count_labels(m) for m in micro)
         global_tokens = all_reduce_sum(torch.tensor(float(local_tokens)), info).item()
         denom = max(global_tokens, 1.0) / info.world_size
-        stats = torch.zeros(3, dtype=torch.float64)
+        stats = torch.zeros(3, dtype=torch.float64)  # nll sum, labeled tokens, correct tokens
         n_input = 0
         for k, items in enumerate(micro):
             batch = _collate(items, cfg, pad_id, device)
             labels = batch.pop("labels")
             n_input += batch["input_ids"].numel()
-            sync = k == len(micro) - 1 or not info.enabled
-            with ddp.no_sync() if not sync else contextlib.nullcontext():
+            with run.no_sync(last=k == len(micro) - 1):
                 with autocast(device, amp):
                     logits = ddp(**batch, use_cache=False).logits  # (B, T, V)
                 loss, m = sft_loss(logits, labels, num_tokens=denom)
-                (run.scaler.scale(loss) if run.scaler else loss).backward()
+                run.backward(loss)
             stats += torch.tensor([m["nll_sum"].item(), m["num_tokens"].item(), m["num_correct"].item()], dtype=torch.float64)
-        grad_norm, lr = optimizer_step(model, run.optimizer, run.scheduler, cfg.train.max_grad_norm, run.scaler)
+        grad_norm, lr = run.step(model, step, {"train/loss": stats[0].item() / max(stats[1].item(), 1.0)})
 
         stats = all_reduce_sum(stats, info)
         train_loss = stats[0].item() / max(stats[1].item(), 1.0)
@@ -214,31 +223,14 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
             "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_all / elapsed,
             "train/step_seconds": elapsed, "train/loss_tokens": stats[1].item(),
         })
-        if run.should_eval(step) and eval_items:
-            run.logger.log(step, evaluate(ddp, eval_items, cfg, pad_id, device, amp, info))
-        if cfg.sample_every and step % cfg.sample_every == 0 and step != run.steps and prompts and info.is_main:
-            run.logger.samples(step, "samples", sample(model, tokenizer, prompts, cfg))
+        if run.should_eval(step) and s.eval_items:
+            run.logger.log(step, evaluate(ddp, s.eval_items, cfg, pad_id, device, amp, info))
+        if cfg.sample_every and step % cfg.sample_every == 0 and step != run.steps and s.prompts and info.is_main:
+            run.logger.samples(step, "samples", sample(model, tokenizer, s.prompts, cfg))
     bar.close()
     log_eval(run.steps)
-    out = run.run_dir / "model"
     if info.is_main:
         save_final_model(model, tokenizer, out, merge=cfg.lora.merge)
         print(f"saved model to {out}", flush=True)
-    run.logger.close()
+    run.close()
     return out
-
-
-def save_final_model(model: torch.nn.Module, tokenizer, out: Path, merge: bool) -> None:  # noqa: ANN001
-    """HF-loadable output: full weights, the PEFT adapter, or the adapter merged into the base."""
-    model = unwrap(model)
-    if merge and hasattr(model, "merge_and_unload"):
-        import copy
-
-        model = copy.deepcopy(model).merge_and_unload()
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.use_cache = True  # the saved model is for inference: keep generation fast
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    if config is not None:
-        config.use_cache = False

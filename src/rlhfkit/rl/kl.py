@@ -9,6 +9,16 @@ Divergence", http://joschu.net/blog/kl-approx.html). With r = log ref(x) - log p
 | k2        | r^2 / 2          | no       | yes         |
 | k3        | (e^r - 1) - r    | yes      | yes         |
 
+As a *reward* penalty (`kl_in=reward`, PPO and RLOO) only the value matters. As a *loss* term
+(`kl_in=loss`, GRPO's form) the gradient matters, and on samples from pi the three differ
+(Schulman 2020; Tang & Munos 2025, "On a few pitfalls in KL divergence gradient estimation"):
+
+| estimator as a loss | expected gradient                                   |
+| ------------------- | --------------------------------------------------- |
+| k1                  | zero: it regularizes nothing (refused in loss mode) |
+| k2                  | the gradient of KL(pi || ref)                       |
+| k3                  | the gradient of KL(ref || pi) (the reverse direction) |
+
 The coefficient beta of the penalty `-beta * KL` is fixed, or adapted towards a target KL
 (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", Sec. 2.2).
 """
@@ -32,20 +42,22 @@ def kl_penalty(
     """Per-token KL(pi || ref) estimate, same shape as logp (e.g. (B, L)); masking is the caller's.
 
     logp, ref_logp: log-probs of the sampled tokens under the policy and the reference. `clamp` bounds
-    the log-ratio logp - ref_logp to [-clamp, clamp] first (keeps exp() in k3 finite).
+    the *estimate* to [-clamp, clamp] (as OpenRLHF and verl do, at 10): clamping the log-ratio
+    instead would still let k3 reach e^clamp (22015 per token at clamp 10). The clamp passes no
+    gradient where it binds.
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_penalty: estimator must be one of {', '.join(KL_ESTIMATORS)}, got {estimator!r}")
+    if clamp is not None and clamp <= 0:
+        raise ValueError(f"kl_penalty: clamp must be > 0, got {clamp}")
     logratio = logp - ref_logp  # log pi - log ref = -r
-    if clamp is not None:
-        if clamp <= 0:
-            raise ValueError(f"kl_penalty: clamp must be > 0, got {clamp}")
-        logratio = logratio.clamp(-clamp, clamp)
     if estimator == "k1":
-        return logratio
-    if estimator == "k2":
-        return 0.5 * logratio**2
-    return torch.expm1(-logratio) + logratio  # (e^r - 1) - r, expm1 keeps precision for small r
+        kl = logratio
+    elif estimator == "k2":
+        kl = 0.5 * logratio**2
+    else:
+        kl = torch.expm1(-logratio) + logratio  # (e^r - 1) - r, expm1 keeps precision for small r
+    return kl.clamp(-clamp, clamp) if clamp is not None else kl
 
 
 class FixedKLController:

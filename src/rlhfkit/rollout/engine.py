@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from rlhfkit.losses.logprobs import IGNORE, token_logprobs
+from rlhfkit.models.wrap import base_model
 
 # How often the sampler checks whether every row has ended, on accelerators where the check is a device
 # sync (on CPU it is free and runs every step). Steps run past the end cost a forward each; trailing
@@ -229,7 +230,7 @@ def _sample_chunk(
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     batch = prompt_ids.size(0)
     keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    cache = DynamicCache(config=_unwrap(model).config)
+    cache = DynamicCache(config=base_model(model).config)
     # Prefill. No cache_position: transformers 5 derives the query offset from the cache length, which
     # grows by one column per step for every row (ended rows are fed pad_id with attention 0).
     out = model(
@@ -317,7 +318,7 @@ def _sample_chunk_static(
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     batch, prompt_len = prompt_ids.shape
     total = prompt_len + max_new_tokens
-    base = _unwrap(model)
+    base = base_model(model)
     keep = _accepts_logits_to_keep(model)
     with_cache_position = _accepts_cache_position(model)
     cache = _static_cache(model, base, batch, total, device, reuse=compile)
@@ -482,7 +483,7 @@ def _compiled_step(key: tuple, base: torch.nn.Module, device: torch.device) -> C
 
 def _accepts_cache_position(model: torch.nn.Module) -> bool:
     try:
-        return "cache_position" in inspect.signature(_unwrap(model).forward).parameters
+        return "cache_position" in inspect.signature(base_model(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -594,15 +595,8 @@ def concat_rollouts(parts: Sequence[Rollout], *, pad_id: int) -> Rollout:
     )
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under DDP / PEFT wrappers (for its config and forward signature)."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    get_base = getattr(model, "get_base_model", None)  # PEFT
-    return get_base() if callable(get_base) else model
-
-
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     try:
-        return "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+        return "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
     except (TypeError, ValueError):
         return False

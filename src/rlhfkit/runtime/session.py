@@ -1,37 +1,78 @@
 """The part of a training run every gradient recipe sets up the same way: run folder, optimizer and
-schedule, mixed precision, resume, DDP wrapping, logging and checkpoint cadence.
+schedule, mixed precision, resume, DDP wrapping, the guarded optimizer update, logging and checkpoint
+cadence.
 
-Recipes keep their own explicit loops (forward, loss, backward); they open a `Session` before it and
-call `session.end_step(...)` after each optimizer step.
+A recipe checks its run folder early (`check`, before minutes of set-up; read-only), opens a
+`Session` once its models are built (which locks the folder, restores a checkpoint, and only then
+writes the run's first files), and then runs its own explicit loop: forward under `session.no_sync(...)`,
+`session.backward(loss)`, `session.step(...)` (or `session.update(...)` for several updates per step),
+`session.end_step(...)`; `session.close()` at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from rlhfkit.config import opt
 from rlhfkit.data.sampler import BatchSampler
-from rlhfkit.runtime.distributed import DistInfo, print0
-from rlhfkit.runtime.loop import (
+from rlhfkit.errors import ConfigError
+from rlhfkit.runtime.checkpoint import restore_training_state, save_training_state
+from rlhfkit.runtime.distributed import DistInfo, local_rank_from_env, print0, run_on_ranks
+from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
+from rlhfkit.runtime.optim import (
+    NonFiniteGuard,
     TrainConfig,
     autocast_dtype,
     build_optimizer,
     build_scheduler,
-    prepare_run_dir,
-    restore_training_state,
-    save_training_state,
+    guarded_update,
     total_steps,
 )
-from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
+from rlhfkit.runtime.rundir import RunFolder, check_run_dir, claim_run_dir
+
+
+@dataclass
+class RunConfig:
+    """The run-level options of every language-model recipe (each redeclares `output_dir` for its default)."""
+
+    output_dir: str = opt("runs/run", "run folder: config, metrics, TensorBoard logs, checkpoints, final model")
+    overwrite: bool = opt(False, "replace an existing rlhfkit run in output_dir instead of refusing (never other files)")
+    seed: int = opt(42, "seed for initialization, data order and sampling")
+    progress: bool = opt(True, "show a progress bar")
+    tensorboard: bool = opt(True, "write TensorBoard logs to output_dir/tensorboard")
+
+    def validate(self) -> None:
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir", "expected a folder path for the run")
+
+
+C = TypeVar("C")
+
+
+def launch(body: Callable[[C, str | None, torch.device, DistInfo], Path], cfg: C, resume: str | None) -> Path:
+    """Run a recipe's `body(cfg, resume, device, info)` on this process's device, alone or as one rank
+    under torchrun (joining and always leaving the process group); returns what the body returns."""
+    from rlhfkit.models.load import resolve_device
+
+    device = resolve_device(cfg.model.device, local_rank_from_env())  # type: ignore[attr-defined]
+    return run_on_ranks(lambda info: body(cfg, resume, device, info), device)
+
+
+def check(cfg: RunConfig, resume: str | None, info: DistInfo) -> None:
+    """Check `cfg.output_dir` (and the checkpoint to resume) before a recipe's long set-up; writes nothing."""
+    check_run_dir(cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
 
 
 @dataclass
 class Session:
-    run_dir: Path
+    folder: RunFolder
     steps: int
     """Total optimizer steps of the run."""
     start: int
@@ -47,8 +88,13 @@ class Session:
     logger: MetricsLogger
     train: TrainConfig
     info: DistInfo
+    guard: NonFiniteGuard
     state: dict[str, Any]
     """The restored checkpoint's state.json (empty for a new run): recipes keep running statistics here."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
 
     def progress(self, enabled: bool, description: str) -> ProgressBar:
         return ProgressBar(self.steps, enabled=self.info.is_main and enabled, start=self.start, description=description)
@@ -56,6 +102,25 @@ class Session:
     def should_eval(self, step: int) -> bool:
         """Periodic eval inside the run (the recipe evaluates before and after the loop itself)."""
         return bool(self.train.eval_every) and step % self.train.eval_every == 0 and step != self.steps
+
+    def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around a micro-batch's forward and backward: DDP all-reduces gradients only on the `last` one."""
+        return self.ddp.no_sync() if self.info.enabled and not last else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def update(self, model: torch.nn.Module, step: int, losses: dict[str, float]) -> float:
+        """One guarded optimizer update (no schedule step); returns the gradient norm before clipping."""
+        return guarded_update(model, self.optimizer, self.guard, step, losses, max_grad_norm=self.train.max_grad_norm,
+                              info=self.info, scaler=self.scaler)
+
+    def step(self, model: torch.nn.Module, step: int, losses: dict[str, float]) -> tuple[float, float]:
+        """The update of optimizer step `step`, then the schedule: (grad norm, learning rate used)."""
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm = self.update(model, step, losses)
+        self.scheduler.step()
+        return grad_norm, lr
 
     def end_step(self, step: int, *, model: torch.nn.Module, sampler: BatchSampler, metrics: dict[str, float],
                  extra_state: dict[str, Any] | None = None) -> None:
@@ -67,6 +132,10 @@ class Session:
             save_training_state(self.run_dir, step, model=model, optimizer=self.optimizer, scheduler=self.scheduler,
                                 state={"sampler": sampler.state_dict(), **scaler_state(self.scaler), **(extra_state or {})},
                                 keep=self.train.save_total_limit, info=self.info)
+
+    def close(self) -> None:
+        self.logger.close()
+        self.folder.release()
 
 
 def scaler_state(scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
@@ -83,28 +152,34 @@ def restore_scaler(scaler: torch.amp.GradScaler | None, ckpt: dict[str, Any]) ->
 
 
 def open_session(cfg: Any, *, model: torch.nn.Module, sampler: BatchSampler, resume: str | None, info: DistInfo,
-                 device: torch.device) -> Session:
-    """Create/resume the run in `cfg.output_dir` for `model`, trained with `cfg.train` over `sampler`."""
+                 device: torch.device, recipe: str) -> Session:
+    """Build optimizer and schedule for `model` (trained with `cfg.train` over `sampler`), lock the run
+    folder, restore the chosen checkpoint on resume, and only then write the run's first files."""
     train: TrainConfig = cfg.train
-    run_dir = prepare_run_dir(cfg, cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
+    amp = autocast_dtype(train.mixed_precision, device)
+    folder = claim_run_dir(cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
     steps = total_steps(train, sampler.batches_per_epoch())
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, steps)
-    amp = autocast_dtype(train.mixed_precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     start, finished, state = 0, False, {}
-    if resume is not None:
-        ckpt = restore_training_state(run_dir, resume, model=model, optimizer=optimizer, scheduler=scheduler, info=info)
+    if folder.resume_from is not None:
+        ckpt = restore_training_state(folder.resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                                      info=info)
         sampler.load_state_dict(ckpt["sampler"])
         restore_scaler(scaler, ckpt)
         state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "rng")}
         start = ckpt["step"]
-        print0(info, f"resumed from {ckpt['folder']} at step {start}")
-        finished = start >= steps and (run_dir / "model").is_dir()
+    folder.start(cfg)
+    if folder.resume_from is not None:
+        print0(info, f"resumed from {folder.resume_from} at step {start}")
+        finished = start >= steps and (folder.path / "model").is_dir()
         if finished:
             print0(info, f"the run already finished ({start}/{steps} steps); raise train.max_steps or train.epochs "
-                         f"to train further. Model: {run_dir / 'model'}")
+                         f"to train further. Model: {folder.path / 'model'}")
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
-    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
-                           resume_step=start if resume is not None else None)
-    return Session(run_dir, steps, start, finished, optimizer, scheduler, scaler, amp, ddp, logger, train, info, state)
+    logger = MetricsLogger(folder.path, enabled=info.is_main, tensorboard=cfg.tensorboard,
+                           resume_step=start if folder.resume_from is not None else None)
+    guard = NonFiniteGuard(train.on_nonfinite, train.max_nonfinite_skips, recipe)
+    return Session(folder, steps, start, finished, optimizer, scheduler, scaler, amp, ddp, logger, train, info, guard,
+                   state)
