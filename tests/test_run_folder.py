@@ -265,3 +265,34 @@ def test_a_ppo_run_whose_reward_fails_at_the_first_eval_can_be_rerun(tmp_path: P
     res = _cli("ppo", *tiny_args(data, tmp_path / "r", "train.max_steps=1"), cwd=root)  # same folder, no overwrite
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "r" / "model").is_dir()
+
+
+def test_dpo_and_reward_stop_on_a_non_finite_loss_too(tmp_path: Path) -> None:
+    from rlhfkit.recipes import dpo, reward
+    from tests.test_dpo import make_pairs
+    from tests.test_dpo import tiny_args as dpo_args
+
+    data = make_pairs(tmp_path / "pairs.jsonl")
+    runs = [(dpo, dpo.DPOConfig, dpo_args(data, tmp_path / "d", "train.lr=1e30", "train.max_steps=5",
+                                          "train.save_every=1", "data.eval_fraction=0")),
+            (reward, reward.RewardConfig, [*QUICK[:1], f"data.train={data}", "train.lr=1e30", "train.max_steps=5",
+                                           "train.save_every=1", "train.batch_size=4", "data.eval_fraction=0",
+                                           "progress=false", "tensorboard=false", f"output_dir={tmp_path / 'w'}"])]
+    for module, cls, args in runs:
+        with pytest.raises(NonFiniteError, match=rf"{module.__name__.rsplit('.', 1)[1]} step \d: train/"):
+            module.train(load_config(cls, None, args))
+        out = Path(load_config(cls, None, args).output_dir)
+        assert not (out / "model").exists()
+        assert all(verify_checkpoint(p) is None for p in _checkpoints(out))
+
+
+def test_gym_dqn_stops_on_a_non_finite_loss(tmp_path: Path) -> None:
+    from rlhfkit.gym.dqn import GymDQNConfig
+    from rlhfkit.gym.dqn import train as train_dqn
+
+    cfg = load_config(GymDQNConfig, None, [f"output_dir={tmp_path / 'q'}", "progress=false", "tensorboard=false",
+                                           "dqn.lr=1e30", "dqn.learning_starts=64", "dqn.total_steps=2000",
+                                           "eval.every=0"])
+    with pytest.raises(NonFiniteError, match=r"gym dqn step \d+: train/loss = nan"):
+        train_dqn(cfg)
+    assert not (tmp_path / "q" / "agent").exists()

@@ -52,6 +52,7 @@ from rlhfkit.gym.common import (
     open_gym_session,
 )
 from rlhfkit.runtime.distributed import DistInfo
+from rlhfkit.runtime.optim import NonFiniteGuard
 from rlhfkit.runtime.seeding import seed_everything, set_rng_state
 
 
@@ -380,12 +381,15 @@ def _train(cfg: GymDQNConfig, resume: str | None, info: DistInfo) -> Path:
         agent.train()
         return m
 
+    guard = NonFiniteGuard("stop", recipe="gym dqn", hint="Lower dqn.lr, keep dqn.max_grad_norm > 0, or scale the "
+                                                         "rewards down (env wrappers).")
     for round_ in range(start + 1, rounds + 1):
         t0 = time.perf_counter()
         run.collect(agent, vec_steps)
         stats: dict[str, float] = {}
         if run.env_steps > d.learning_starts and len(run.buffer) >= d.batch_size and d.gradient_steps:
             stats.update(_optimize(agent, optimizer, run.buffer, d, device))
+            guard.check(round_, {k: stats[k] for k in ("train/loss", "train/grad_norm")})  # raises: stop here
             gradient_steps += d.gradient_steps
         elapsed = time.perf_counter() - t0
         stats.update(run.episodes.drain(info))

@@ -102,6 +102,8 @@ class NonFiniteGuard:
     mode: Literal["stop", "skip"] = "stop"
     max_skips: int = 10
     recipe: str = "training"
+    hint: str = ("Try a lower train.lr, train.max_grad_norm > 0, train.mixed_precision=no, a check of the data or "
+                 "reward, or train.on_nonfinite=skip to drop such updates.")
     skipped_in_row: int = 0
     skipped_total: int = field(default=0)
 
@@ -122,9 +124,7 @@ class NonFiniteGuard:
                   f"{self.max_skips})") if self.mode == "skip" else "the run stopped before applying it"
         raise NonFiniteError(
             f"{self.recipe} step {step}: {what}; {reason}. No final model was written and the last finite "
-            "checkpoint is kept (continue from it with --resume after changing a setting). Try a lower "
-            "train.lr, train.max_grad_norm > 0, train.mixed_precision=no, a check of the data or reward, or "
-            "train.on_nonfinite=skip to drop such updates."
+            f"checkpoint is kept (continue from it with --resume after changing a setting). {self.hint}"
         )
 
 
