@@ -235,3 +235,82 @@ def test_restore_training_state_puts_back_python_numpy_and_torch_streams(tmp_pat
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     restore_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler, info=DistInfo())
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+
+
+# --------------------------------------------------------------------------------------------------
+# PPO loss normalization across ranks
+
+
+def _ppo_fixture():  # noqa: ANN202
+    """A tiny policy, 4 completions of 6 tokens (rows 2-3 cut to 1 real token) and fixed advantages."""
+    from rlhfkit.models.load import ModelConfig, load_causal_lm, load_tokenizer
+    from rlhfkit.recipes.ppo import Batch, PolicyAndValue, PPOConfig
+    from rlhfkit.rollout.engine import sample
+
+    tok = load_tokenizer("tiny:llama")
+    policy = load_causal_lm(ModelConfig(name="tiny:llama", device="cpu"), torch.device("cpu"), tok)
+    torch.manual_seed(0)
+    r = sample(policy, [[1, 2, 3]] * 4, pad_id=tok.pad_token_id, eos_ids=[-1], max_new_tokens=6)
+    r.response_mask[2:, 1:] = 0  # rank 1 will hold 2 tokens, rank 0 twelve
+    mask = r.response_mask.float()
+    adv = torch.tensor([[0.5], [-1.0], [2.0], [1.5]]) * mask
+    cfg = load_config(PPOConfig, None, ["data.train=x.jsonl", "ppo.advantage=rloo", "rollout.samples_per_prompt=2",
+                                        "ppo.epochs=1", "ppo.mini_batch_size=2", "train.batch_size=1"])
+    model = PolicyAndValue(policy)
+    return cfg, model, Batch(r, r.logprobs.float() * mask, r.logprobs.float() * mask, None, adv, None, mask)
+
+
+class _Capture:
+    """What ppo_update needs of a Session, recording the gradient of each update instead of stepping."""
+
+    def __init__(self, ddp: torch.nn.Module, info: object) -> None:
+        self.ddp, self.info, self.amp, self.grads = ddp, info, None, []
+
+    def no_sync(self, last: bool):  # noqa: ANN201
+        import contextlib
+
+        return self.ddp.no_sync() if getattr(self.info, "enabled", False) and not last else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def update(self, model: torch.nn.Module, step: int, losses: dict) -> float:
+        self.grads.append(torch.cat([p.grad.flatten() for p in model.policy.parameters()]).clone())
+        model.zero_grad(set_to_none=True)
+        return 0.0
+
+
+def _rank_main(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from rlhfkit.recipes.ppo import Batch, ppo_update
+    from rlhfkit.runtime.distributed import DistInfo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    cfg, model, b = _ppo_fixture()
+    rows = torch.arange(2 * rank, 2 * rank + 2)
+    mine = Batch(b.rollout.select(rows), b.old_logps[rows], b.ref_logps[rows], None, b.advantages[rows], None,
+                 b.mask[rows])
+    run = _Capture(DDP(model), DistInfo(rank, 2, rank))
+    ppo_update(cfg, run, model, mine, 1, critic_only=False, kl_coef=0.0)  # type: ignore[arg-type]
+    if rank == 0:
+        torch.save(run.grads[0], f"{folder}/grad.pt")
+    dist.destroy_process_group()
+
+
+def test_ppo_loss_weighs_every_token_equally_across_ranks(tmp_path: Path) -> None:
+    from rlhfkit.recipes.ppo import ppo_update
+    from rlhfkit.runtime.distributed import DistInfo
+
+    cfg, model, b = _ppo_fixture()
+    # one process, the 4 completions as one minibatch: the token mean over all 14 real tokens
+    cfg.ppo.mini_batch_size = 4
+    run = _Capture(model, DistInfo())
+    ppo_update(cfg, run, model, b, 1, critic_only=False, kl_coef=0.0)  # type: ignore[arg-type]
+    (single,) = run.grads
+    # two processes with 2 completions each (12 and 2 tokens): the averaged gradient must be the same
+    torch.multiprocessing.spawn(_rank_main, args=(str(tmp_path),), nprocs=2, join=True)
+    both = torch.load(tmp_path / "grad.pt")
+    torch.testing.assert_close(both, single, rtol=1e-4, atol=1e-7)

@@ -124,8 +124,7 @@ def _claim_on_main(run_dir: Path, resume: str | None, overwrite: bool, lock: boo
     if run_dir.exists() and not run_dir.is_dir():
         raise RlhfkitError(f"output_dir '{run_dir}' is a file, not a folder; rlhfkit never replaces files. "
                            "Choose a folder path for the run.")
-    if not lock:
-        _probe_lock(run_dir)  # a busy folder is named as busy before anything else is said about it
+    _probe_lock(run_dir)  # a busy folder is named as busy before anything else is said about it
     if resume is None:
         _check_new_run(run_dir, overwrite)
     elif resume == "latest" and not holds_run(run_dir):
