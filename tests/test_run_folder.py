@@ -194,9 +194,12 @@ def test_resume_with_lora_toggled_is_one_clear_error(tmp_path: Path) -> None:
 # Non-finite training
 
 
-def test_guard_stops_names_the_metric_and_step_or_skips_up_to_a_limit(capsys: pytest.CaptureFixture) -> None:
+def test_guard_stops_names_the_metric_and_step_or_skips_up_to_a_limit(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(NonFiniteError, match=r"sft step 7: train/loss = nan.*last finite checkpoint"):
         NonFiniteGuard("stop", recipe="sft").check(7, {"train/loss": float("nan"), "train/grad_norm": 1.0})
+    with pytest.raises(NonFiniteError, match="no checkpoint had been written yet"):
+        NonFiniteGuard("stop", run_dir=tmp_path).check(1, {"train/loss": float("inf")})
     guard = NonFiniteGuard("skip", max_skips=2, recipe="dpo")
     assert guard.check(1, {"train/grad_norm": float("inf")}) is False
     assert guard.check(2, {"train/grad_norm": float("inf")}) is False
@@ -226,7 +229,7 @@ def test_a_diverging_sft_run_stops_keeps_its_finite_checkpoint_and_writes_no_mod
                f"output_dir={run}", cwd=tmp_path)
     assert res.returncode == 3, res.stderr
     assert "Traceback" not in res.stderr and "train/" in res.stderr and "sft step 2" in res.stderr
-    assert "train.on_nonfinite=skip" in res.stderr
+    assert "train.on_nonfinite=skip" in res.stderr and "the last finite checkpoint, " in res.stderr
     assert not (run / "model").exists()
     (ckpt,) = _checkpoints(run)
     assert ckpt.name == "step-00000001" and verify_checkpoint(ckpt) is None

@@ -409,7 +409,7 @@ def ppo_update(agent: Any, flat: FlatParams, optimizer: torch.optim.Optimizer, b
     bad = [k for k, v in means.items() if not math.isfinite(v)]
     if bad:
         raise NonFiniteError(f"the PPO update diverged: non-finite {', '.join(bad)}; no agent was written and the "
-                             "last finite checkpoint is kept. Lower ppo.lr, keep ppo.max_grad_norm > 0, or normalize "
+                             "checkpoints written so far are kept. Lower ppo.lr, keep ppo.max_grad_norm > 0, or normalize "
                              "observations/rewards (ppo.normalize_obs, ppo.normalize_reward)")
     return means
 

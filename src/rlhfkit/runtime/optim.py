@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -104,6 +105,8 @@ class NonFiniteGuard:
     recipe: str = "training"
     hint: str = ("Try a lower train.lr, train.max_grad_norm > 0, train.mixed_precision=no, a check of the data or "
                  "reward, or train.on_nonfinite=skip to drop such updates.")
+    run_dir: Path | None = None
+    """The run folder, to name the checkpoint a stopped run can continue from."""
     skipped_in_row: int = 0
     skipped_total: int = field(default=0)
 
@@ -122,10 +125,17 @@ class NonFiniteGuard:
             return False
         reason = (f"{self.skipped_in_row + 1} updates in a row were not finite (train.max_nonfinite_skips="
                   f"{self.max_skips})") if self.mode == "skip" else "the run stopped before applying it"
-        raise NonFiniteError(
-            f"{self.recipe} step {step}: {what}; {reason}. No final model was written and the last finite "
-            f"checkpoint is kept (continue from it with --resume after changing a setting). {self.hint}"
-        )
+        raise NonFiniteError(f"{self.recipe} step {step}: {what}; {reason}. No final model was written; "
+                             f"{self._checkpoint_note()} {self.hint}")
+
+    def _checkpoint_note(self) -> str:
+        root = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        done = sorted(p for p in root.glob("step-*") if p.is_dir()) if root is not None and root.is_dir() else []
+        if not done:
+            return ("no checkpoint had been written yet (train.save_every > 0 writes them during the run)."
+                    if self.run_dir is not None else "the last finite checkpoint is kept.")
+        return (f"the last finite checkpoint, {done[-1]}, is kept (continue from it with --resume after changing "
+                "a setting).")
 
 
 def guarded_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, step: int,

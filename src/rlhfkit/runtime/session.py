@@ -180,6 +180,6 @@ def open_session(cfg: Any, *, model: torch.nn.Module, sampler: BatchSampler, res
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if info.enabled else model
     logger = MetricsLogger(folder.path, enabled=info.is_main, tensorboard=cfg.tensorboard,
                            resume_step=start if folder.resume_from is not None else None)
-    guard = NonFiniteGuard(train.on_nonfinite, train.max_nonfinite_skips, recipe)
+    guard = NonFiniteGuard(train.on_nonfinite, train.max_nonfinite_skips, recipe, run_dir=folder.path)
     return Session(folder, steps, start, finished, optimizer, scheduler, scaler, amp, ddp, logger, train, info, guard,
                    state)
