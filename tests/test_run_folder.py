@@ -299,3 +299,17 @@ def test_gym_dqn_stops_on_a_non_finite_loss(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteError, match=r"gym dqn step \d+: train/loss = nan"):
         train_dqn(cfg)
     assert not (tmp_path / "q" / "agent").exists()
+
+
+def test_a_project_folder_with_a_config_and_a_model_is_not_a_run(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "model").mkdir(parents=True)
+    (project / "config.yaml").write_text("mine: true\n")
+    assert not holds_run(project)
+    with pytest.raises(RlhfkitError, match="holds other files"):
+        _sft(project, "overwrite=true")
+    assert (project / "config.yaml").read_text() == "mine: true\n" and (project / "model").is_dir()
+    (project / "model").rmdir()  # a config.yaml alone is the user's too: never taken for a failed start
+    with pytest.raises(RlhfkitError, match=r"holds other files \(config.yaml\)"):
+        _sft(project)
+    assert (project / "config.yaml").read_text() == "mine: true\n"

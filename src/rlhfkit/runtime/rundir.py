@@ -108,8 +108,10 @@ def _verdict(output_dir: str, resume: str | None, overwrite: bool, info: DistInf
 
 def holds_run(path: Path) -> bool:
     """True when `path` has the output of an rlhfkit run: a checkpoint or a final model/agent, beside
-    the marker (or, for folders written before the marker existed, beside config.yaml)."""
-    if not path.is_dir() or not ((path / MARKER).is_file() or (path / "config.yaml").is_file()):
+    the marker (or, for folders written before the marker existed, beside config.yaml and
+    metrics.jsonl: a project folder with a config.yaml and a model/ of its own is not a run)."""
+    legacy = (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()
+    if not path.is_dir() or not ((path / MARKER).is_file() or legacy):
         return False
     if any((path / name).is_dir() for name in ("model", "agent")):
         return True
@@ -150,7 +152,8 @@ def _check_new_run(run_dir: Path, overwrite: bool) -> None:
             raise RlhfkitError(f"{run_dir} already holds a run. Pass --resume to continue it, set overwrite=true "
                                "to replace it, or choose another output_dir.")
         return
-    others = [p.name for p in run_dir.iterdir() if p.name not in (*LEFTOVERS, LOCK)]
+    ours = LEFTOVERS if (run_dir / MARKER).is_file() else ()  # without the marker, nothing here is ours
+    others = [p.name for p in run_dir.iterdir() if p.name not in (*ours, LOCK)]
     if others:
         shown = ", ".join(sorted(others)[:5]) + (" ..." if len(others) > 5 else "")
         raise RlhfkitError(f"output_dir '{run_dir}' is a folder that holds other files ({shown}) and no rlhfkit run; "
@@ -207,6 +210,8 @@ def _clear(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     whole_run = holds_run(run_dir)
+    if not whole_run and not (run_dir / MARKER).is_file():
+        return  # new or empty (claim refused anything else)
     for entry in run_dir.iterdir():
         if entry.name == LOCK or not (whole_run or entry.name in LEFTOVERS):
             continue
