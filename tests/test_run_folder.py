@@ -313,3 +313,69 @@ def test_a_project_folder_with_a_config_and_a_model_is_not_a_run(tmp_path: Path)
     with pytest.raises(RlhfkitError, match=r"holds other files \(config.yaml\)"):
         _sft(project)
     assert (project / "config.yaml").read_text() == "mine: true\n"
+
+
+def test_overwrite_keeps_the_users_own_files_in_a_run_folder(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _sft(run)
+    (run / "notes.txt").write_text("mine")
+    (run / "mydir").mkdir()
+    _sft(run, "overwrite=true")
+    assert (run / "notes.txt").read_text() == "mine" and (run / "mydir").is_dir()
+
+
+def test_resume_from_a_path_never_writes_among_a_users_files(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _sft(src, "train.save_every=1")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(RlhfkitError, match="holds other files"):
+        _sft(other, "train.max_steps=3", resume=str(src / "checkpoints" / "step-00000002"))
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_output_dir_below_a_file_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(RlhfkitError, match="is a file, so no folder can be made below it"):
+        from rlhfkit.runtime.rundir import check_run_dir
+
+        check_run_dir(str(tmp_path / "plain" / "sub"), resume=None, overwrite=False, info=DistInfo())
+
+
+def test_a_changed_learning_rate_applies_on_resume(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _sft(run, "train.max_steps=2", "train.scheduler=constant", "train.warmup_steps=0")
+    _sft(run, "train.max_steps=3", "train.scheduler=constant", "train.warmup_steps=0", "train.lr=1e-5",
+         resume="latest")
+    lrs = _losses(run, "train/lr")
+    assert lrs[1] == pytest.approx(3e-3) and lrs[3] == pytest.approx(1e-5)
+
+
+def test_a_checkpoint_without_manifest_is_used_with_a_warning_and_a_bad_state_is_one_error(
+        three_checkpoints: Path, capsys: pytest.CaptureFixture) -> None:
+    step3 = _checkpoints(three_checkpoints)[-1]
+    (step3 / "manifest.json").unlink()
+    assert choose_checkpoint(three_checkpoints, "latest", warn=print) == step3
+    assert "has no manifest.json" in capsys.readouterr().out
+    (step3 / "state.json").write_text("{}")
+    assert "holds no step number" in (verify_checkpoint(step3) or "")
+    (step3 / "state.json").write_text('{"step": 3}')
+    with pytest.raises(RlhfkitError, match="no data position"):
+        _sft(three_checkpoints, "train.max_steps=4", resume="latest")
+
+
+def test_an_interrupted_final_save_leaves_no_half_folder(tmp_path: Path) -> None:
+    from rlhfkit.runtime.atomic import atomic_folder, umask
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_folder(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "old.txt").is_file()
+    with atomic_folder(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask()  # not mkdtemp's 0700

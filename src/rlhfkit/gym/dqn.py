@@ -51,6 +51,7 @@ from rlhfkit.gym.common import (
     mlp,
     open_gym_session,
 )
+from rlhfkit.runtime.atomic import atomic_folder
 from rlhfkit.runtime.distributed import DistInfo
 from rlhfkit.runtime.optim import NonFiniteGuard
 from rlhfkit.runtime.seeding import seed_everything, set_rng_state
@@ -404,6 +405,7 @@ def _train(cfg: GymDQNConfig, resume: str | None, info: DistInfo) -> Path:
     session.close()
     run.envs.close()
     out = session.run_dir / "agent"
-    agent.save_pretrained(str(out))
+    with atomic_folder(out) as tmp:  # never half an agent after a kill
+        agent.save_pretrained(str(tmp))
     print(f"saved agent to {out}", flush=True)
     return out

@@ -60,6 +60,7 @@ from rlhfkit.gym.common import (
 from rlhfkit.gym.ppo import Batch, PPOUpdateConfig, run_ppo_updates
 from rlhfkit.losses.ppo import explained_variance
 from rlhfkit.rl.advantages import gae
+from rlhfkit.runtime.atomic import atomic_folder
 from rlhfkit.runtime.distributed import DistInfo, barrier, broadcast_object, run_on_ranks
 from rlhfkit.runtime.seeding import seed_everything
 
@@ -402,11 +403,12 @@ def _train(cfg: GymMAPPOConfig, resume: str | None, info: DistInfo) -> Path:
     run.close()
     out = run_dir / "agent"
     if info.is_main:
-        agent.save_pretrained(str(out))
-        (out / "value_norm.json").write_text(json.dumps(
-            {**vnorm.state_dict(), "agents": list(run.spec.agents), "agent_id_feature": p.agent_id_feature,
-             "state_from": "env.state()" if run.spec.has_state else "concatenated observations",
-             "env": dict(cfg.env.__dict__)}, indent=2))
+        with atomic_folder(out) as tmp:  # never half an agent after a kill
+            agent.save_pretrained(str(tmp))
+            (tmp / "value_norm.json").write_text(json.dumps(
+                {**vnorm.state_dict(), "agents": list(run.spec.agents), "agent_id_feature": p.agent_id_feature,
+                 "state_from": "env.state()" if run.spec.has_state else "concatenated observations",
+                 "env": dict(cfg.env.__dict__)}, indent=2))
         print(f"saved agent to {out}", flush=True)
     barrier(info)
     return out

@@ -46,6 +46,7 @@ from rlhfkit.gym.common import (
 from rlhfkit.gym.fastgrad import FlatParams, PPOGrad
 from rlhfkit.losses.ppo import clipped_policy_loss, clipped_value_loss, explained_variance
 from rlhfkit.rl.advantages import gae
+from rlhfkit.runtime.atomic import atomic_folder
 from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum, barrier, print0, run_on_ranks
 from rlhfkit.runtime.optim import NonFiniteError
 from rlhfkit.runtime.seeding import seed_everything
@@ -259,8 +260,9 @@ def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
     run.envs.close()
     out = run_dir / "agent"
     if info.is_main:
-        agent.save_pretrained(str(out))
-        (out / "normalizers.json").write_text(json.dumps(run.normalizer_state(), indent=2))
+        with atomic_folder(out) as tmp:  # never half an agent after a kill
+            agent.save_pretrained(str(tmp))
+            (tmp / "normalizers.json").write_text(json.dumps(run.normalizer_state(), indent=2))
         print(f"saved agent to {out}", flush=True)
     barrier(info)
     return out

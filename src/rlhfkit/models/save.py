@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhfkit import __version__
 from rlhfkit.models.load import SPEC_ATTR, SPEC_FILE
 from rlhfkit.models.wrap import base_model, is_peft, unwrap
+from rlhfkit.runtime.atomic import atomic_folder
 
 
 def base_spec(model: torch.nn.Module) -> str | None:
@@ -47,8 +48,9 @@ def save_final_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     if config is not None:
         config.use_cache = True  # the saved model is for inference: keep generation fast
     try:
-        save_model(model, out)
+        with atomic_folder(out) as tmp:
+            save_model(model, tmp)
+            tokenizer.save_pretrained(str(tmp))
     finally:
         if config is not None:
             config.use_cache = False
-    tokenizer.save_pretrained(str(out))

@@ -67,6 +67,7 @@ from rlhfkit.models.load import (
     load_tokenizer,
 )
 from rlhfkit.models.wrap import unwrap
+from rlhfkit.runtime.atomic import atomic_folder
 from rlhfkit.runtime.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -392,9 +393,10 @@ def save_reward_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
         model = copy.deepcopy(model).merge_and_unload()  # the trained `score` copy replaces the original head
     for key, value in attrs.items():
         setattr(model.config, key, value)
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    (out / "reward_stats.json").write_text(json.dumps(attrs, indent=2) + "\n", encoding="utf-8")
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "reward_stats.json").write_text(json.dumps(attrs, indent=2) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------

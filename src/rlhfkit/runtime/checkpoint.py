@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.save import save_model
 from rlhfkit.models.wrap import is_peft, unwrap
+from rlhfkit.runtime.atomic import umask, write_atomic
 from rlhfkit.runtime.distributed import DistInfo, barrier
 from rlhfkit.runtime.seeding import rng_state, set_rng_state
 
@@ -59,6 +60,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{checkpoint_name(step)}-", dir=root))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would keep other users from reading checkpoints
     try:
         save_model(model, tmp / "model")  # with rlhfkit.json beside a PEFT adapter, as the final model
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -73,18 +75,12 @@ def save_checkpoint(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _write_atomic(root / "latest", final.name + "\n")
+    write_atomic(root / "latest", final.name + "\n")
     if keep > 0:
         done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _describe(path: Path) -> dict[str, Any]:
@@ -102,11 +98,13 @@ def verify_checkpoint(folder: Path) -> str | None:
     if not folder.is_dir():
         return "not a folder"
     try:
-        json.loads((folder / STATE_FILE).read_text())
+        state = json.loads((folder / STATE_FILE).read_text())
     except FileNotFoundError:
         return f"no {STATE_FILE}"
     except (OSError, ValueError) as exc:
         return f"{STATE_FILE} is unreadable ({exc})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{STATE_FILE} holds no step number"
     needed = [f"{name}.pt" for name in ("optimizer", "scheduler", "rng")]
     missing = [name for name in needed if not (folder / name).is_file()]
     if not (folder / "model").is_dir():
@@ -114,7 +112,7 @@ def verify_checkpoint(folder: Path) -> str | None:
     if missing:
         return "missing " + ", ".join(missing)
     if not (folder / MANIFEST).is_file():
-        return None
+        return None  # written before manifests existed (choose_checkpoint warns that it is unverified)
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -145,6 +143,7 @@ def choose_checkpoint(run_dir: Path, which: str, warn: Callable[[str], None] = p
         if problem:
             raise RlhfkitError(f"--resume {which}: the checkpoint is damaged: {problem}. Resume from another "
                                "checkpoint folder, or --resume alone for the newest intact one.")
+        _warn_unverified(path, warn)
         return path
     root = run_dir / "checkpoints"
     done = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
@@ -157,10 +156,17 @@ def choose_checkpoint(run_dir: Path, which: str, warn: Callable[[str], None] = p
             if damaged:
                 warn(f"resuming from {path.name}, the newest intact checkpoint (skipped: "
                      + "; ".join(f"{p.name}: {why}" for p, why in damaged) + ")")
+            _warn_unverified(path, warn)
             return path
         damaged.append((path, problem))
     raise RlhfkitError(f"--resume: every checkpoint in {root} is damaged (" + "; ".join(
         f"{p.name}: {why}" for p, why in damaged) + "); start without --resume (overwrite=true)")
+
+
+def _warn_unverified(path: Path, warn: Callable[[str], None]) -> None:
+    if not (path / MANIFEST).is_file():
+        warn(f"{path} has no {MANIFEST} (an older rlhfkit wrote it, or it was removed): its files cannot be "
+             "checked for damage before they are loaded")
 
 
 def find_checkpoint(run_dir: Path, which: str) -> Path:
@@ -265,14 +271,20 @@ def restore_training_state(
     except Exception as exc:  # noqa: BLE001 - e.g. a safetensors header cut short in a pre-manifest checkpoint
         raise RlhfkitError(f"{folder}: cannot load the checkpoint's weights ({type(exc).__name__}: {str(exc)[:200]})"
                            "; resume from another checkpoint folder or start a new run") from None
+    # This run's hyperparameters (lr, weight decay, betas, eps: what the config says now), which
+    # load_state_dict would replace with the checkpoint's: a resume with a changed train.lr uses it.
+    settings = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except ValueError as exc:  # parameter groups/counts differ, e.g. a gym checkpoint from before the flat buffer
         raise RlhfkitError(f"{folder}: the optimizer state does not fit this run's parameters ({exc}); it was "
                            "written for a different model or by an older rlhfkit: start a new run") from None
+    for group, setting in zip(optimizer.param_groups, settings):
+        group.update(setting)
     scheduler.load_state_dict(ckpt["scheduler"])
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     # Recompute this step's learning rate from the current schedule: identical to the saved one when
-    # the run continues unchanged, correct when max_steps/epochs were extended.
+    # the run continues unchanged, correct when train.lr or max_steps/epochs changed.
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -132,10 +132,9 @@ class NonFiniteGuard:
         root = self.run_dir / "checkpoints" if self.run_dir is not None else None
         done = sorted(p for p in root.glob("step-*") if p.is_dir()) if root is not None and root.is_dir() else []
         if not done:
-            return ("no checkpoint had been written yet (train.save_every > 0 writes them during the run)."
-                    if self.run_dir is not None else "the last finite checkpoint is kept.")
+            return "no checkpoint had been written yet." if self.run_dir is not None else "the last finite checkpoint is kept."
         return (f"the last finite checkpoint, {done[-1]}, is kept (continue from it with --resume after changing "
-                "a setting).")
+                "a setting, or start over if the divergence began before it).")
 
 
 def guarded_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, step: int,

@@ -36,6 +36,7 @@ import yaml
 
 from rlhfkit.config import dump_yaml, to_dict
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.runtime.atomic import write_atomic
 from rlhfkit.runtime.checkpoint import choose_checkpoint
 from rlhfkit.runtime.distributed import DistInfo, barrier, broadcast_object
 
@@ -67,9 +68,9 @@ class RunFolder:
             elif (self.path / "config.yaml").is_file():
                 _warn_config_changes(yaml.safe_load((self.path / "config.yaml").read_text()) or {}, to_dict(cfg))
             self.path.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.path / MARKER, json.dumps({"rlhfkit_run": 1, "started": time.time(),
+            write_atomic(self.path / MARKER, json.dumps({"rlhfkit_run": 1, "started": time.time(),
                                                           "resumed_from": str(self.resume_from or "")}) + "\n")
-            _write_atomic(self.path / "config.yaml", dump_yaml(cfg))
+            write_atomic(self.path / "config.yaml", dump_yaml(cfg))
         barrier(self.info)
 
     def release(self) -> None:
@@ -126,10 +127,15 @@ def _claim_on_main(run_dir: Path, resume: str | None, overwrite: bool, lock: boo
     if run_dir.exists() and not run_dir.is_dir():
         raise RlhfkitError(f"output_dir '{run_dir}' is a file, not a folder; rlhfkit never replaces files. "
                            "Choose a folder path for the run.")
+    above = next((p for p in run_dir.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise RlhfkitError(f"output_dir '{run_dir}': {above} is a file, so no folder can be made below it")
     _probe_lock(run_dir)  # a busy folder is named as busy before anything else is said about it
     if resume is None:
         _check_new_run(run_dir, overwrite)
-    elif resume == "latest" and not holds_run(run_dir):
+    elif not holds_run(run_dir):
+        _check_foreign(run_dir, overwrite)  # --resume PATH writes into output_dir: never among a user's files
+    if resume == "latest" and not holds_run(run_dir):
         raise RlhfkitError(f"--resume: no checkpoint found in {run_dir / 'checkpoints'}; start without --resume")
     if lock:
         try:
@@ -151,6 +157,13 @@ def _check_new_run(run_dir: Path, overwrite: bool) -> None:
         if not overwrite:
             raise RlhfkitError(f"{run_dir} already holds a run. Pass --resume to continue it, set overwrite=true "
                                "to replace it, or choose another output_dir.")
+        return
+    _check_foreign(run_dir, overwrite)
+
+
+def _check_foreign(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder (not an rlhfkit run) that holds files rlhfkit did not write."""
+    if not run_dir.is_dir():
         return
     ours = LEFTOVERS if (run_dir / MARKER).is_file() else ()  # without the marker, nothing here is ours
     others = [p.name for p in run_dir.iterdir() if p.name not in (*ours, LOCK)]
@@ -197,34 +210,31 @@ def _acquire(run_dir: Path, flags: int) -> int:
 
 
 def _remove_stale_temporaries(run_dir: Path) -> None:
-    """Folders of checkpoint saves that a kill interrupted (we hold the lock: nobody is writing them)."""
+    """Folders of checkpoint or final-model saves that a kill interrupted (we hold the lock: nobody is
+    writing them)."""
     root = run_dir / "checkpoints"
-    if root.is_dir():
-        for tmp in root.glob(".tmp-step-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+    stale = [*root.glob(".tmp-step-*")] if root.is_dir() else []
+    stale += [p for name in ("model", "agent", "value") for p in run_dir.glob(f".{name}.tmp-*")]
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _clear(run_dir: Path) -> None:
     """Before a new run: remove an old run (claim allowed it: overwrite=true) or an unfinished start's
-    leftovers. Everything of ours goes; the lock file stays (we hold it)."""
+    leftovers. Only what rlhfkit writes goes; the lock file (we hold it) and anything else stay."""
     if not run_dir.is_dir():
         return
     whole_run = holds_run(run_dir)
     if not whole_run and not (run_dir / MARKER).is_file():
         return  # new or empty (claim refused anything else)
+    ours = (*LEFTOVERS, *OUTPUTS) if whole_run else LEFTOVERS  # a user's own files in a run folder stay
     for entry in run_dir.iterdir():
-        if entry.name == LOCK or not (whole_run or entry.name in LEFTOVERS):
+        if entry.name not in ours:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
             entry.unlink()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 _HARMLESS = {"max_steps", "epochs", "eval_every", "save_every", "save_total_limit", "log_every", "progress",

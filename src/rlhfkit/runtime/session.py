@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rlhfkit.config import opt
 from rlhfkit.data.sampler import BatchSampler
-from rlhfkit.errors import ConfigError
+from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.runtime.checkpoint import restore_training_state, save_training_state
 from rlhfkit.runtime.distributed import DistInfo, local_rank_from_env, print0, run_on_ranks
 from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
@@ -134,6 +134,9 @@ class Session:
                                 keep=self.train.save_total_limit, info=self.info)
 
     def close(self) -> None:
+        if self.guard.skipped_total:
+            print0(self.info, f"warning: {self.guard.skipped_total} update(s) with a non-finite loss or gradient norm "
+                              "were skipped (train.on_nonfinite=skip)")
         self.logger.close()
         self.folder.release()
 
@@ -166,6 +169,9 @@ def open_session(cfg: Any, *, model: torch.nn.Module, sampler: BatchSampler, res
     if folder.resume_from is not None:
         ckpt = restore_training_state(folder.resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
                                       info=info)
+        if not isinstance(ckpt.get("sampler"), dict):
+            raise RlhfkitError(f"{folder.resume_from}: state.json has no data position ('sampler'); it is not a "
+                               f"checkpoint of `rlhfkit {recipe}`")
         sampler.load_state_dict(ckpt["sampler"])
         restore_scaler(scaler, ckpt)
         state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "rng")}
