@@ -237,7 +237,7 @@ def _clear(run_dir: Path) -> None:
             entry.unlink()
 
 
-_HARMLESS = {"max_steps", "epochs", "eval_every", "save_every", "save_total_limit", "log_every", "progress",
+_HARMLESS = {"max_steps", "epochs", "eval_every", "save_every", "save_total_limit", "log_every", "progress", "output_dir",
              "sample_every", "overwrite"}
 
 
