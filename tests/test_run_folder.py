@@ -379,3 +379,16 @@ def test_an_interrupted_final_save_leaves_no_half_folder(tmp_path: Path) -> None
         (tmp / "config.json").write_text("{}")
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     assert (out.stat().st_mode & 0o777) == 0o777 & ~umask()  # not mkdtemp's 0700
+
+
+def test_resuming_a_run_stopped_before_its_final_save_logs_the_final_eval_once(tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    args = [*TINY, "train.max_steps=2", "sample_prompts=[]", f"output_dir={run}"]
+    train(load_config(SFTConfig, None, args))
+    shutil.rmtree(run / "model")  # what a kill between the last checkpoint and the final save leaves
+    out = train(load_config(SFTConfig, None, args), resume="latest")
+    assert (out / "config.json").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [0, 2]

@@ -353,7 +353,8 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
         if run.should_eval(step):
             log_eval(step)
     bar.close()
-    log_eval(run.steps)
+    if run.final_eval_due():
+        log_eval(run.steps)
     if info.is_main:
         save_final_model(model, s.tokenizer, out, merge=cfg.lora.merge)
         print(f"saved model to {out}", flush=True)

@@ -740,7 +740,7 @@ def _train(cfg: PPOConfig, resume: str | None, device: torch.device, info: DistI
         if run.should_eval(step):
             evaluate(cfg, s, s.eval_prompts, step, run.logger, run.amp)
     bar.close()
-    last_eval = evaluate(cfg, s, s.eval_prompts, run.steps, run.logger, run.amp)
+    last_eval = evaluate(cfg, s, s.eval_prompts, run.steps, run.logger, run.amp) if run.final_eval_due() else None
     if info.is_main:
         save_final_model(model.policy, s.tokenizer, out, merge=cfg.lora.merge)
         if model.has_value:

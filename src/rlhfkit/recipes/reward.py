@@ -368,7 +368,8 @@ def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: Di
         if run.should_eval(step) and s.eval_items:
             logger.log(step, evaluate(ddp, s.eval_items, cfg, pad_id, device, amp, norm, info))
     bar.close()
-    log_eval(run.steps)
+    if run.final_eval_due():
+        log_eval(run.steps)
 
     # Reward statistics over the training responses (chosen and rejected), in scoring units: PPO can
     # use them to normalise rewards, and a reader sees what scale this model outputs.

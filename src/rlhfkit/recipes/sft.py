@@ -228,7 +228,8 @@ def _train(cfg: SFTConfig, resume: str | None, device: torch.device, info: DistI
         if cfg.sample_every and step % cfg.sample_every == 0 and step != run.steps and s.prompts and info.is_main:
             run.logger.samples(step, "samples", sample(model, tokenizer, s.prompts, cfg))
     bar.close()
-    log_eval(run.steps)
+    if run.final_eval_due():
+        log_eval(run.steps)
     if info.is_main:
         save_final_model(model, tokenizer, out, merge=cfg.lora.merge)
         print(f"saved model to {out}", flush=True)

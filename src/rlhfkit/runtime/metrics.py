@@ -59,6 +59,19 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
 
+    def logged(self, step: int, prefix: str) -> bool:
+        """Whether metrics.jsonl already has a row for `step` with a key starting with `prefix`."""
+        if not self.enabled or not self.metrics_path.is_file():
+            return False
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step") == step and any(k.startswith(prefix) for k in row):
+                return True
+        return False
+
     def samples(self, step: int, tag: str, rows: list[dict[str, Any]]) -> None:
         if not self.enabled:
             return

@@ -24,7 +24,7 @@ from rlhfkit.config import opt
 from rlhfkit.data.sampler import BatchSampler
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.runtime.checkpoint import restore_training_state, save_training_state
-from rlhfkit.runtime.distributed import DistInfo, local_rank_from_env, print0, run_on_ranks
+from rlhfkit.runtime.distributed import DistInfo, broadcast_object, local_rank_from_env, print0, run_on_ranks
 from rlhfkit.runtime.metrics import MetricsLogger, ProgressBar
 from rlhfkit.runtime.optim import (
     NonFiniteGuard,
@@ -102,6 +102,12 @@ class Session:
     def should_eval(self, step: int) -> bool:
         """Periodic eval inside the run (the recipe evaluates before and after the loop itself)."""
         return bool(self.train.eval_every) and step % self.train.eval_every == 0 and step != self.steps
+
+    def final_eval_due(self) -> bool:
+        """False only when a resumed run had already logged its final evaluation (it was stopped after its
+        last checkpoint but before the final model was saved): the same on every rank."""
+        done = self.start >= self.steps and self.logger.logged(self.steps, "eval/")
+        return not broadcast_object(done, self.info)
 
     def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Around a micro-batch's forward and backward: DDP all-reduces gradients only on the `last` one."""
