@@ -18,13 +18,12 @@ import fcntl
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlhfkit.errors import ModelError
+from rlhfkit.runtime.atomic import atomic_folder
 
 
 @dataclass(frozen=True)
@@ -96,16 +95,9 @@ def build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
     with _locked(target.parent / f".{target.name}.lock"):
         if (target / ".complete").is_file():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_folder(target) as tmp:
             build(tmp)
             (tmp / ".complete").write_text("ok\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `out` to write into; on success it replaces `out` in one rename,
-    so a run killed while saving its final model leaves the old folder (or none), never half a model."""
+def atomic_folder(out: Path, prefix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside `out` (named `prefix...`, default `.NAME.tmp-...`) to write into;
+    on success it replaces `out` in one rename, so a kill while saving leaves the old folder (or none),
+    never half of one. Used for final models, checkpoints and model conversions."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; the final folder gets the usual mode

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from safetensors.torch import load_file
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models.save import save_model
 from rlhfkit.models.wrap import is_peft, unwrap
-from rlhfkit.runtime.atomic import umask, write_atomic
+from rlhfkit.runtime.atomic import atomic_folder, write_atomic
 from rlhfkit.runtime.distributed import DistInfo, barrier
 from rlhfkit.runtime.seeding import rng_state, set_rng_state
 
@@ -59,9 +57,8 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{checkpoint_name(step)}-", dir=root))
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would keep other users from reading checkpoints
-    try:
+    # the temporary name starts with .tmp-step-: what the next start removes after a kill mid-save
+    with atomic_folder(final, prefix=f".tmp-{checkpoint_name(step)}-") as tmp:
         save_model(model, tmp / "model")  # with rlhfkit.json beside a PEFT adapter, as the final model
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -69,12 +66,6 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
         files = {str(f.relative_to(tmp)): _describe(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     write_atomic(root / "latest", final.name + "\n")
     if keep > 0:
         done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
@@ -117,16 +108,28 @@ def verify_checkpoint(folder: Path) -> str | None:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{MANIFEST} is unreadable ({exc})"
+    stamps = []
     for name, want in files.items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        size = path.stat().st_size
-        if size != want.get("size"):
-            return f"{name} has {size} bytes, {want.get('size')} were saved (truncated or replaced)"
-        if _describe(path)["sha256"] != want.get("sha256"):
+        st = path.stat()
+        if st.st_size != want.get("size"):
+            return f"{name} has {st.st_size} bytes, {want.get('size')} were saved (truncated or replaced)"
+        stamps.append((name, st.st_size, st.st_mtime_ns))
+    key = (str(folder.resolve()), tuple(stamps))
+    if key in _VERIFIED:  # hashed already in this process (the early check, then the claim), unchanged since
+        return None
+    for name, want in files.items():
+        if _describe(folder / name)["sha256"] != want.get("sha256"):
             return f"{name} does not match the hash recorded when it was saved (damaged)"
+    _VERIFIED.add(key)
     return None
+
+
+_VERIFIED: set[tuple] = set()
+"""Checkpoints whose hashes matched, with the size and mtime of each file then: a resume checks a
+checkpoint twice (before set-up, then under the lock) and hashes a large model only once."""
 
 
 def choose_checkpoint(run_dir: Path, which: str, warn: Callable[[str], None] = print) -> Path:
