@@ -220,6 +220,162 @@ def data_validate(
     typer.echo(f"{path}: {len(samples)} valid {kind} rows")
 
 
+label_app = typer.Typer(help="The feedback web app: people compare, rank, rate and rewrite answers (SQLite or PostgreSQL).",
+                        no_args_is_help=True)
+app.add_typer(label_app, name="label")
+DB_ARG = typer.Argument(None, help="The project: a SQLite file (feedback.db) or a postgresql:// URL.", show_default=False)
+DB_OPT = typer.Option(None, "--db", help="The project as a URL (postgresql://user@host/name) or file.", show_default=False)
+
+
+def _db(db: Optional[str], db_opt: Optional[str]) -> str:
+    if bool(db) == bool(db_opt):
+        raise RlhfkitError("give the project once: a file or URL as the first argument, or --db URL")
+    return db or db_opt  # type: ignore[return-value]
+
+
+@label_app.command("init")
+def label_init(
+    db: Optional[str] = DB_ARG,
+    db_opt: Optional[str] = DB_OPT,
+    source: str = typer.Option("", "--from", help="Candidates file: prompt + responses, response_a/_b, or a preference file."),
+    model: str = typer.Option("", "--model", help="Sample the candidates with this model instead (needs --prompts)."),
+    prompts: str = typer.Option("", "--prompts", help="Prompts to answer with --model."),
+    samples: int = typer.Option(2, "--samples", min=1, help="--model: answers per prompt (2 for compare)."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    seed: int = typer.Option(0, "--seed"),
+    max_prompts: int = typer.Option(0, "--max-prompts", min=0, help="0 = all prompts."),
+    kind: str = typer.Option("compare", "--kind", help="compare, rank or rate."),
+    overlap: int = typer.Option(1, "--overlap", help="Different annotators per item."),
+    guidelines: str = typer.Option("", "--guidelines", help="Markdown file shown to annotators."),
+    title: str = typer.Option("rlhfkit label", "--title"),
+    scale: str = typer.Option("1-7", "--scale", help="rate: LOW-HIGH."),
+    criteria: str = typer.Option("overall", "--criteria", help="rate: comma-separated criteria."),
+    no_strength: bool = typer.Option(False, "--no-strength", help="compare: do not ask how much better."),
+    rewrite: bool = typer.Option(False, "--rewrite", help="Let annotators correct an answer."),
+    gold_rate: float = typer.Option(0.0, "--gold-rate", help="Share of items drawn from gold rows (a 'gold' field)."),
+    media: str = typer.Option("", "--media", help="Folder of the media candidates (clips, images)."),
+    priority: str = typer.Option("", "--priority", help="Reward model folder: label the answers it can least tell apart first."),
+    lease_minutes: float = typer.Option(30.0, "--lease-minutes", help="Unanswered items go back to the queue after this."),
+) -> None:
+    """Create a label project from a candidates file, or from a model answering prompts."""
+    from rlhfkit.label.commands import init_project, read_guidelines
+    from rlhfkit.label.items import Settings, parse_scale
+
+    target = _db(db, db_opt)
+    settings = Settings(kind=kind, overlap=overlap, title=title, guidelines=read_guidelines(guidelines),
+                        scale=parse_scale(scale), criteria=[c.strip() for c in criteria.split(",")],
+                        strength=not no_strength, rewrite=rewrite, gold_rate=gold_rate, media_dir=media,
+                        lease_seconds=int(lease_minutes * 60))
+    store = init_project(target, settings, source=source, model=model, prompts=prompts, samples=samples,
+                         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, max_prompts=max_prompts,
+                         priority=priority)
+    n = store.count_items()
+    store.close()
+    typer.echo(f"created {target}: {kind} project, {n} items, overlap {overlap}. Next: rlhfkit label serve {target}")
+
+
+@label_app.command("add")
+def label_add(
+    db: Optional[str] = DB_ARG, db_opt: Optional[str] = DB_OPT,
+    source: str = typer.Option(..., "--from", help="Candidates file (same formats as init)."),
+    priority: str = typer.Option("", "--priority", help="Reward model folder for the queue order."),
+) -> None:
+    """Add items to an existing project (all rows or none)."""
+    from rlhfkit.label.commands import add_items
+
+    ids = add_items(_db(db, db_opt), source, priority)
+    typer.echo(f"added {len(ids)} items")
+
+
+@label_app.command("serve")
+def label_serve(
+    db: Optional[str] = DB_ARG, db_opt: Optional[str] = DB_OPT,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8765, "--port", min=1, max=65535),
+    public_url: str = typer.Option("", "--public-url", help="How people reach it (e.g. behind a TLS proxy), for links."),
+    quiet: bool = typer.Option(False, "--quiet", help="No request log."),
+) -> None:
+    """Run the web app; prints the admin link and how to add annotators."""
+    from rlhfkit.label.commands import serve
+
+    serve(_db(db, db_opt), host=host, port=port, public_url=public_url, quiet=quiet)
+
+
+@label_app.command("add-annotator")
+def label_add_annotator(
+    db: Optional[str] = DB_ARG,
+    name: str = typer.Argument(..., help="The person's name (unique in the project)."),
+    db_opt: Optional[str] = DB_OPT,
+    rotate: bool = typer.Option(False, "--rotate", help="Give an existing person a new link (the old one stops working)."),
+    deactivate: bool = typer.Option(False, "--deactivate", help="Revoke the person's link."),
+) -> None:
+    """Add a person and print their personal link (a secret token: send it privately)."""
+    from rlhfkit.label.commands import link, public_base
+    from rlhfkit.label.store import Store
+
+    store = Store.open(_db(db, db_opt))
+    try:
+        if deactivate:
+            store.deactivate(name)
+            typer.echo(f"{name}: link revoked")
+            return
+        token = store.rotate_token(name) if rotate else store.add_annotator(name)
+        typer.echo(f"{name.strip()}: {link(public_base(store), token)}")
+    finally:
+        store.close()
+
+
+@label_app.command("status")
+def label_status(
+    db: Optional[str] = DB_ARG, db_opt: Optional[str] = DB_OPT,
+    as_json: bool = typer.Option(False, "--json", help="Print every number as JSON."),
+) -> None:
+    """Progress, agreement (kappa per pair, alpha), position bias, gold accuracy, per-annotator counts."""
+    import json
+
+    from rlhfkit.label.commands import status_text
+    from rlhfkit.label.stats import project_status
+    from rlhfkit.label.store import Store
+
+    store = Store.open(_db(db, db_opt))
+    try:
+        status = project_status(store)
+    finally:
+        store.close()
+    typer.echo(json.dumps(status, indent=2) if as_json else status_text(status))
+
+
+@label_app.command("export")
+def label_export(
+    db: Optional[str] = DB_ARG, db_opt: Optional[str] = DB_OPT,
+    output: str = typer.Option(..., "--output", "-o", help="JSONL file to write (atomically)."),
+    what: str = typer.Option("preferences", "--what", help="preferences, ratings, sft (rewrites) or raw (every label)."),
+    ties: str = typer.Option("drop", "--ties", help="preferences: drop or keep (as \"tie\": true rows)."),
+    both_bad: str = typer.Option("drop", "--both-bad", help="preferences: drop or keep (as tie rows)."),
+    rank_pairs: str = typer.Option("all", "--rank-pairs", help="rank: all implied pairs, or best_worst."),
+    min_votes: int = typer.Option(1, "--min-votes", min=1, help="preferences: items with fewer labels are left out."),
+    rewrites: bool = typer.Option(True, "--rewrites/--no-rewrites", help="preferences: rewrites as chosen over the original."),
+    criterion: str = typer.Option("", "--criterion", help="ratings: one criterion (default: the mean over all)."),
+) -> None:
+    """Write labels as the files `rlhfkit reward`, `dpo` and `sft` read (validated), or every raw label."""
+    from rlhfkit.label.export import export
+    from rlhfkit.label.store import Store
+
+    options: dict = {}
+    if what == "preferences":
+        options = {"ties": ties, "both_bad": both_bad, "rank_pairs": rank_pairs, "min_votes": min_votes,
+                   "rewrites": rewrites}
+    elif what == "ratings":
+        options = {"criterion": criterion}
+    store = Store.open(_db(db, db_opt))
+    try:
+        stats = export(store, what, output, **options)
+    finally:
+        store.close()
+    typer.echo(f"wrote {output}: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+
+
 def _normalize_resume(argv: list[str]) -> list[str]:
     """Let `--resume` stand alone (meaning latest): typer options always want a value.
 

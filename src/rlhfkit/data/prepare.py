@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -36,7 +37,11 @@ def load_examples(
     check = VALIDATORS[kind]
     examples: list[T] = []
     problems: list[str] = []
+    ties = 0
     for row in rows:
+        if kind == "preference" and row.data is not None and row.data.get("tie") is True:
+            ties += 1  # an exported tie (rlhfkit label export --ties keep): no preferred answer to learn
+            continue
         if row.error is not None:
             problems.append(f"{row.where}: {row.error}")
             continue
@@ -44,6 +49,11 @@ def load_examples(
             examples.append(transform(check(row)))
         except RowProblem as exc:
             problems.append(f"{row.where}: {exc}")
+    if ties:
+        print(f"{spec}: {ties} tie row(s) (\"tie\": true) left out: pairwise training needs a preferred answer",
+              file=sys.stderr, flush=True)
+        if ties == len(rows):
+            raise DataError(f"{spec}: every row is a tie (\"tie\": true); nothing to learn a preference from")
     skipped = enforce(problems, on_error=on_error, total=len(rows), max_shown=max_errors_shown, what=spec)
     return examples, skipped
 

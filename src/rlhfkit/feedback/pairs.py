@@ -10,10 +10,8 @@ file labeled by people, with the same three required fields, trains reward model
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhfkit.data.formats import RowProblem, Sample, Text, validate_rows
 from rlhfkit.data.sources import load_rows
 from rlhfkit.data.tokenize import tokenize_prompt
+from rlhfkit.data.write import write_jsonl
 from rlhfkit.errors import ConfigError, DataError, RlhfkitError
 from rlhfkit.feedback.annotators import TIE, Annotator, is_score_based, load_annotator
 from rlhfkit.rollout.generate import generate_text
@@ -191,40 +190,9 @@ def _checked_score(annotator: Any, prompt: str, answer: str) -> float:
 
 
 def write_preferences(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write `rows` as JSONL at `path`, atomically, and only if they read back as valid `preference` rows.
-
-    Everything is serialized first, written to a temporary file beside `path`, read back with the same
-    reader and validator that reward-model and DPO training use, and only then moved into place with
-    `os.replace`. On any failure `path` is untouched and no temporary file is left.
-    """
-    path = Path(os.path.expanduser(str(path)))
-    if path.suffix.lower() != ".jsonl":
-        raise DataError(f"{path}: preference files are written as JSONL; name the output file *.jsonl")
-    if not rows:
-        raise DataError(f"{path}: no preference rows to write (nothing was written)")
-    try:
-        text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{path}: a row cannot be written as JSON ({exc}); nothing was written") from None
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.jsonl")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _, problems = validate_rows(load_rows(str(tmp)), "preference")
-        if problems:
-            shown = "\n".join("  " + p.replace(str(tmp), str(path)) for p in problems[:20])
-            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise DataError(f"{len(problems)} row(s) are not valid preference rows (nothing was written):\n{shown}{more}",
-                            problems)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write `rows` as JSONL at `path`, atomically, and only if they read back as valid `preference` rows
+    (see rlhfkit.data.write); on any failure `path` is untouched."""
+    return write_jsonl(rows, path, "preference", what="preference rows")
 
 
 # --------------------------------------------------------------------------------------------------
