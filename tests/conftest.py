@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-pytest_plugins = ["tests.label_services"]  # PostgreSQL and Chromium fixtures (see that module)
+pytest_plugins = ["tests.label_services", "tests.label_server"]  # PostgreSQL and Chromium fixtures (see that module)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ The feedback loop (default):
 4. answer held-out prompts before and after; print mean sentiment, mean per-token KL to the starting
    model, a few answers side by side, the reward model's held-out accuracy, and where the files are.
 
-`rlhfkit demo --sft` runs the SFT demo instead (LoRA SFT on the bundled instruction set).
+`rlhfkit demo --sft` runs the SFT demo instead (LoRA SFT on the bundled instruction set), and
+`rlhfkit demo --label` opens the label web app on answers sampled from the bundled model.
 Extra `key=value` arguments override the demo settings (`rlhfkit demo samples_per_prompt=3`), and
 `dpo.KEY=...` / `reward.KEY=...` override the stage configs.
 """
@@ -242,9 +243,65 @@ def sft_demo(overrides: list[str]) -> None:
     print(f"total demo time {time.perf_counter() - t0:.0f} s")
 
 
+@dataclass
+class LabelDemoConfig:
+    db: str = opt("runs/demo-label/feedback.db", "the label project (created on the first run, reused after)")
+    model: str = opt("bundled:smollm2-135m-instruct", "model that writes the candidate answers")
+    prompts: str = opt("bundled:demo_prompts", "prompts to answer")
+    max_new_tokens: int = opt(48, "token budget of each answer", gt=0)
+    overlap: int = opt(2, "annotators per item", ge=1)
+    host: str = opt("127.0.0.1", "address to listen on")
+    port: int = opt(8765, "port to listen on", ge=1)
+    seed: int = opt(0, "sampling seed")
+
+
+def label_demo(overrides: list[str]) -> None:
+    """`rlhfkit demo --label`: sample two answers per bundled prompt from the bundled model, open a compare
+    project with two annotators (alice, bob), print their links and serve until Ctrl-C."""
+    from rlhfkit.label.commands import init_project, link, serve
+    from rlhfkit.label.items import Settings
+    from rlhfkit.label.store import Store
+
+    cfg = load_config(LabelDemoConfig, None, overrides)
+    db = Path(cfg.db)
+    created = not db.exists()
+    if created:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        print(f"sampling 2 answers per prompt of {cfg.prompts} with {cfg.model} (about a minute on CPU) ...", flush=True)
+        guide = packaged_config("label_guidelines.md").read_text(encoding="utf-8")
+        settings = Settings(kind="compare", overlap=cfg.overlap, title="rlhfkit label demo", guidelines=guide)
+        init_project(str(db), settings, model=cfg.model, prompts=cfg.prompts, samples=2,
+                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed).close()
+    store = Store.open(str(db))
+    base = f"http://{cfg.host}:{cfg.port}"
+    store.set_meta("public_url", base)
+    links = []
+    for name in ("alice", "bob"):
+        exists = any(a["name"] == name for a in _people(store))
+        links.append((name, link(base, store.rotate_token(name) if exists else store.add_annotator(name))))
+    store.close()
+    print(f"\nproject {db} ({'new' if created else 'reused'}); open a link in a browser (a new link each start):")
+    for name, url in links:
+        print(f"  {name}: {url}")
+    print(f"afterwards: rlhfkit label status {db}   and   rlhfkit label export {db} -o prefs.jsonl\n", flush=True)
+    serve(str(db), host=cfg.host, port=cfg.port)
+
+
+def _people(store) -> list[dict]:  # noqa: ANN001
+    from sqlalchemy import select
+
+    from rlhfkit.label import schema
+
+    with store.read() as conn:
+        return [dict(r._mapping) for r in conn.execute(select(schema.annotators.c.name))]
+
+
 def main(args: list[str] | None = None) -> None:
     quiet_transformers()
     args = list(args or [])
+    if "--label" in args:
+        label_demo([a for a in args if a != "--label"])
+        return
     if "--sft" in args:
         sft_demo([a for a in args if a != "--sft"])
     else:
