@@ -11,8 +11,9 @@ Pages (a browser with the cookie from /login):     JSON API (Authorization: Bear
     GET  /admin/export/W  download an export (admin)   GET  /api/export/W        export rows (admin)
     GET  /media/ITEM/I    a media candidate            POST /api/annotators      add a person (admin)
                                                        GET  /api/openapi.json    this API (admin)
-Nothing answers without a valid token. Endpoints are plain functions: they run in the server's thread
-pool, and every answer that stores a label is sent after its transaction has committed.
+Nothing answers without a valid token but /login, /favicon.ico and /static (the app's own CSS and JS).
+Endpoints are plain functions: they run in the server's thread pool, and every answer that stores a
+label is sent after its transaction has committed.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def create_app(store: Store, *, public_url: str = "") -> FastAPI:
         return Response(status_code=204)
 
     @app.get("/static/{name}", include_in_schema=False)
-    def static(name: str, person: dict = Depends(me)) -> Response:
+    def static(name: str) -> Response:  # public: the message pages for a bad link need them too
         if name not in STATIC:
             raise HTTPException(404, "no such file")
         return FileResponse(HERE / "static" / name, media_type=STATIC[name], headers={"Cache-Control": "private, max-age=300"})

@@ -116,7 +116,7 @@ def form_answer(settings: Settings, form: dict[str, str], task_candidates: int) 
                             "submission_id": form.get("submission_id", "")}
     if form.get("choice"):
         body["choice"] = form["choice"]
-    if form.get("strength"):
+    if form.get("strength") and body.get("choice") in ("left", "right"):  # picked, then tie/skip chosen: dropped
         body["strength"] = form["strength"]
     if form.get("comment", "").strip():
         body["comment"] = form["comment"]

@@ -70,6 +70,7 @@
       if (ev.key === "Escape") ev.target.blur();
       return;
     }
+    if (ev.repeat) { ev.preventDefault(); return; }  // a key held down would answer the next item too
     const key = ev.key;
     if (list && /^[1-9]$/.test(key)) {
       const li = list.querySelector('li[data-position="' + (Number(key) - 1) + '"]');
