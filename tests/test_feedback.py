@@ -209,6 +209,14 @@ def test_label_pairs_with_a_comparator_uses_the_first_two_and_writes_no_scores(p
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tea?"}]
     rows, _ = label_pairs([Candidates(msgs, ["tea", "no"])], judge)  # message-list prompts are kept as they are
     assert rows[0]["prompt"] == msgs
+    assert rows[0]["chosen"] == [{"role": "assistant", "content": "tea"}]  # answers as messages, as DPO reads them
+    from rlhfkit.data.formats import validate_rows as validate
+    from rlhfkit.data.sources import Row
+    from rlhfkit.data.tokenize import tokenize_preference
+    from rlhfkit.models.load import load_tokenizer
+
+    sample = validate([Row("row 1", rows[0])], "preference")[0][0]
+    tokenize_preference(sample, load_tokenizer("tiny:llama"), max_length=64)  # no "must both be" refusal
 
 
 def test_write_preferences_validates_and_is_atomic(tmp_path: Path):

@@ -196,8 +196,6 @@ def test_holding_a_key_down_labels_one_item_not_the_next_ones_too(page, serve):
     assert_clean(page)
 
 
-@pytest.mark.xfail(strict=True, reason="assign.Queue.progress counts skips as done, so the annotator's page says "
-                   "'1 labeled' after a skip while the dashboard says 0 labels, 1 skip")
 def test_a_skip_is_not_counted_as_labeled_in_the_progress_bar(page, serve):
     srv = serve(compare_rows(3))
     log_in(page, srv, srv.add_annotator("alice"))
@@ -206,8 +204,6 @@ def test_a_skip_is_not_counted_as_labeled_in_the_progress_bar(page, serve):
     assert progress_text(page).startswith("0 labeled")
 
 
-@pytest.mark.xfail(strict=True, reason="assign.Queue.undo expires the annotator's open assignment, and _next never "
-                   "offers an item they were shown again: the item shown after the undone one is lost to them")
 def test_the_item_put_aside_by_an_undo_comes_back_to_the_same_annotator(page, serve):
     srv = serve(compare_rows(3))
     log_in(page, srv, srv.add_annotator("alice"))

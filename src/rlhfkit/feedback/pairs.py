@@ -168,7 +168,11 @@ def label_pairs(candidates: list[Candidates], annotator: Annotator) -> tuple[lis
             stats.ties += 1
             continue
         chosen, rejected = (pair[0], pair[1]) if choice == 0 else (pair[1], pair[0])
-        row: dict[str, Any] = {"prompt": cand.prompt, "chosen": answers[chosen], "rejected": answers[rejected]}
+        # After a message-list prompt the answers are assistant messages: the pair tokenizer wants prompt
+        # and answers both text or both messages.
+        reply = (lambda text: [{"role": "assistant", "content": text}]) if isinstance(cand.prompt, list) else str
+        row: dict[str, Any] = {"prompt": cand.prompt, "chosen": reply(answers[chosen]),
+                               "rejected": reply(answers[rejected])}
         if scores is not None:
             row["chosen_score"] = scores[chosen]
             row["rejected_score"] = scores[rejected]

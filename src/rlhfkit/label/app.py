@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,7 +31,7 @@ from rlhfkit.data.sources import Row
 from rlhfkit.errors import DataError
 from rlhfkit.label import web
 from rlhfkit.label.assign import Queue, SubmitError
-from rlhfkit.label.export import WHAT, export_rows
+from rlhfkit.label.export import WHAT, export_rows, raw_rows
 from rlhfkit.label.items import MEDIA_TYPES, RowProblem, check_media_path, parse_rows
 from rlhfkit.label.stats import project_status
 from rlhfkit.label.store import LabelError, Store
@@ -77,6 +78,16 @@ def create_app(store: Store, *, public_url: str = "") -> FastAPI:
         return templates.TemplateResponse(request, "message.html", {"title": str(exc.status_code),
                                                                     "message": str(exc.detail), "me": None},
                                           status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI reads the body before the dependencies run: answer 401 to a caller without a valid
+        # token before telling them anything about their body.
+        if people.get(_token(request)[0]) is None:
+            return JSONResponse({"error": "a valid token is needed (Authorization: Bearer TOKEN)"}, status_code=401)
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg', '')}"
+                             for e in exc.errors()[:5])
+        return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
 
     def _token(request: Request) -> tuple[str, bool]:
         """(token, from_cookie)."""
@@ -276,7 +287,7 @@ def create_app(store: Store, *, public_url: str = "") -> FastAPI:
     @app.post("/api/items")
     def api_items(rows: list[Any] = Body(...), person: dict = Depends(admin)) -> dict[str, Any]:
         """Add items: a list of candidate rows in the candidates-file format (all are added, or none)."""
-        start = store.count_items() + 1
+        start = store.count_items(gold=True) + 1
         parsed = [Row(f"item {i}", r) if isinstance(r, dict) else Row(f"item {i}", error="expected an object")
                   for i, r in enumerate(rows)]
         try:
@@ -287,8 +298,10 @@ def create_app(store: Store, *, public_url: str = "") -> FastAPI:
 
     @app.get("/api/labels")
     def api_labels(after: int = 0, limit: int = 1000, person: dict = Depends(admin)) -> dict[str, Any]:
-        """Raw labels with label_id > after (oldest first, at most `limit`, <= 10000), retracted ones too."""
-        rows = [r for r in _export("raw", {}) if r["label_id"] > after][: max(1, min(limit, 10000))]
+        """Raw labels with label_id > after (oldest first, at most `limit`, <= 10000), retracted ones too:
+        a trainer polls with the last id it has seen. A label undone later shows up again under
+        `retracted_at` only in a full export (GET /api/export/raw)."""
+        rows = raw_rows(store, after=after, limit=max(1, min(limit, 10000)))
         return {"labels": rows, "last": rows[-1]["label_id"] if rows else after}
 
     @app.get("/api/export/{what}")

@@ -9,7 +9,7 @@ Rules (each enforced in the database, so they hold across threads, processes and
 - a submission carries a client-chosen `submission_id`: a retry with the same id returns the first
   result and stores nothing new; a second, different submission for one assignment is refused;
 - a skip frees the item's slot for someone else; an undo retracts the annotator's last label (kept
-  in the raw export) and gives the item back to them.
+  in the raw export) and gives the item back to them, first (an item they had open comes after it).
 """
 
 from __future__ import annotations
@@ -67,9 +67,11 @@ def _expire(conn: Connection, settings: Settings) -> None:
     stale = conn.execute(select(S.assignments.c.id, S.assignments.c.item_id).where(
         S.assignments.c.state == "open", S.assignments.c.created_at < cutoff)).all()
     for a in stale:
-        conn.execute(update(S.assignments).where(S.assignments.c.id == a.id).values(state="expired"))
-        conn.execute(update(S.items).where(S.items.c.id == a.item_id, S.items.c.is_gold.is_(False))
-                     .values(slots_left=S.items.c.slots_left + 1))
+        # only if still open: another server may have expired it (or its label come in) since the select
+        if conn.execute(update(S.assignments).where(S.assignments.c.id == a.id, S.assignments.c.state == "open")
+                        .values(state="expired")).rowcount:
+            conn.execute(update(S.items).where(S.items.c.id == a.item_id, S.items.c.is_gold.is_(False))
+                         .values(slots_left=S.items.c.slots_left + 1))
 
 
 class Queue:
@@ -148,13 +150,16 @@ class Queue:
             raise SubmitError("this item was already labeled by you; undo it first to change the label", 409) from None
 
     def _submit(self, conn: Connection, annotator_id: int, sid: str, aid: int, body: dict[str, Any]) -> tuple[int, bool]:
+        # The assignment is locked first (PostgreSQL; SQLite writers take turns anyway): a retry of a
+        # submission still being stored waits for it and then finds its submission id below, and a lease
+        # expiring at the same moment waits and then finds the task answered.
+        a = conn.execute(select(S.assignments).where(S.assignments.c.id == aid).with_for_update()).first()
         prior = conn.execute(select(S.labels.c.id, S.labels.c.annotator_id, S.labels.c.assignment_id)
                              .where(S.labels.c.submission_id == sid)).first()
         if prior is not None:
             if prior.annotator_id != annotator_id or prior.assignment_id != aid:
                 raise SubmitError("field 'submission_id': already used for another submission", 409)
             return prior.id, True
-        a = conn.execute(select(S.assignments).where(S.assignments.c.id == aid)).first()
         if a is None or a.annotator_id != annotator_id:
             raise SubmitError(f"no task {aid} of yours (fetch the next task first)", 404)
         if a.state in ("done", "skipped"):
@@ -177,21 +182,20 @@ class Queue:
         return label_id, False
 
     def undo(self, annotator_id: int) -> int | None:
-        """Retract the annotator's last live label and reopen its item for them; the item id, or None."""
+        """Retract the annotator's last live label and reopen its item for them (it comes next, before an
+        item they have open); the item id, or None."""
         with self.store.write() as conn:
             last = conn.execute(select(S.labels.c.id, S.labels.c.assignment_id, S.labels.c.item_id, S.labels.c.choice)
                                 .where(S.labels.c.annotator_id == annotator_id, S.labels.c.retracted_at.is_(None))
                                 .order_by(S.labels.c.id.desc()).limit(1)).first()
             if last is None:
                 return None
-            # One open task at a time: the undone item comes first, so an open one goes back to the queue.
-            for other in conn.execute(select(S.assignments.c.id, S.assignments.c.item_id).where(
-                    S.assignments.c.annotator_id == annotator_id, S.assignments.c.state == "open")).all():
-                conn.execute(update(S.assignments).where(S.assignments.c.id == other.id).values(state="expired"))
-                conn.execute(update(S.items).where(S.items.c.id == other.item_id, S.items.c.is_gold.is_(False))
-                             .values(slots_left=S.items.c.slots_left + 1))
+            # An item they have open stays theirs: open tasks are handed out oldest first, so the undone
+            # one (shown before it) comes first and the open one after it.
             now = time.time()
-            conn.execute(update(S.labels).where(S.labels.c.id == last.id).values(retracted_at=now))
+            if not conn.execute(update(S.labels).where(S.labels.c.id == last.id, S.labels.c.retracted_at.is_(None))
+                                .values(retracted_at=now)).rowcount:
+                return None  # a concurrent undo (another tab) retracted it first
             conn.execute(update(S.assignments).where(S.assignments.c.id == last.assignment_id)
                          .values(state="open", created_at=now))
             gold = conn.scalar(select(S.items.c.is_gold).where(S.items.c.id == last.item_id))
@@ -206,17 +210,19 @@ class Queue:
             return last.item_id
 
     def progress(self, annotator_id: int) -> dict[str, int]:
-        """How many items this annotator labeled, and how many more they could get now."""
-        a = S.assignments
+        """This annotator's live labels (`labeled`), skips (`skipped`), their sum (`done`), and how many
+        more items they could get now (`left`, their open ones included)."""
+        a, L = S.assignments, S.labels
         with self.store.read() as conn:
-            done = conn.scalar(select(func.count()).select_from(S.labels).where(
-                S.labels.c.annotator_id == annotator_id, S.labels.c.retracted_at.is_(None))) or 0
+            skip = case((L.c.choice == "skip", 1), else_=0)
+            total, skipped = conn.execute(select(func.count(), func.coalesce(func.sum(skip), 0)).where(
+                L.c.annotator_id == annotator_id, L.c.retracted_at.is_(None))).one()
             seen = exists().where(a.c.item_id == S.items.c.id, a.c.annotator_id == annotator_id)
             left = conn.scalar(select(func.count()).select_from(S.items).where(
                 and_(S.items.c.slots_left > 0, ~seen))) or 0
             open_ = conn.scalar(select(func.count()).select_from(a).where(
                 a.c.annotator_id == annotator_id, a.c.state == "open")) or 0
-        return {"done": done, "left": left + open_}
+        return {"done": int(total), "labeled": int(total) - int(skipped), "skipped": int(skipped), "left": left + open_}
 
 
 def parse_answer(settings: Settings, body: dict[str, Any], order: list[int], n: int) -> dict[str, Any]:

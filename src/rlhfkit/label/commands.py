@@ -119,7 +119,8 @@ def init_project(target: str, settings: Settings, *, source: str = "", model: st
 def add_items(target: str, source: str, priority: str = "") -> list[int]:
     store = Store.open(target)
     try:
-        specs = load_items(source, store.settings, first_index=store.count_items() + 1)
+        # row n of the project is `item-n` by default: count the gold rows too, or a new key repeats one
+        specs = load_items(source, store.settings, first_index=store.count_items(gold=True) + 1)
         if priority:
             prioritize(specs, priority)
         return store.add_items(specs)
@@ -165,7 +166,11 @@ def serve(target: str, host: str = "127.0.0.1", port: int = 8765, public_url: st
     from rlhfkit.label.app import create_app
 
     store = Store.open(target)
-    check_port(host, port)
+    try:
+        check_port(host, port)
+    except LabelError:
+        store.close()
+        raise
     shown_host = host if is_loopback(host) or host not in ("0.0.0.0", "::") else socket.gethostname()
     base = public_url or f"http://{'[' + shown_host + ']' if ':' in shown_host else shown_host}:{port}"
     store.set_meta("public_url", base)

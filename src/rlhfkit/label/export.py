@@ -7,6 +7,9 @@
 | `sft`         | `prompt`, `completion` from annotators' rewrites                              | sft                |
 | `raw`         | every label, retracted ones included, with annotator, time and shown order    | you                |
 
+After a message-list prompt, `chosen`, `rejected` and `completion` are one assistant message each (what the
+trainers' tokenizers expect); after a text prompt they are text.
+
 Preferences are aggregated per item by majority vote over the live, non-skip labels of non-gold items:
 - compare: votes a / b / tie / both_bad; the most common wins (an even split between the top votes is
   undecided and dropped). A win for a or b becomes a row; `margin` is the mean strength of the winning
@@ -41,6 +44,12 @@ def _answer(cand: dict[str, Any]) -> str:
     return cand.get("text", cand.get("media", ""))
 
 
+def _reply(prompt: Any, text: str) -> Any:
+    """An answer as the trainers read it: text after a text prompt, one assistant message after a message
+    list (the SFT and pair tokenizers want prompt and answer both text or both messages)."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
 def _items(store: Store) -> dict[int, Any]:
     with store.read() as conn:
         return {r.id: r for r in conn.execute(select(S.items.c.id, S.items.c.key, S.items.c.prompt,
@@ -48,8 +57,15 @@ def _items(store: Store) -> dict[int, Any]:
                                               .where(S.items.c.is_gold.is_(False)))}
 
 
+# Fields the exports write or the trainers read: an input row's own value would pass for the labels'
+# (a re-labeled preference file's stale margin, a "tie" flag, a "messages" list the SFT reader prefers),
+# so the input's value is kept as `input_<name>`.
+OWN_FIELDS = {"margin", "tie", "label", "votes", "agreement", "source", "annotator", "borda", "score", "scores",
+              "response", "completion", "candidate", "messages", "text"}
+
+
 def _base(item: Any) -> dict[str, Any]:
-    extra = {k: v for k, v in (item.source or {}).items() if k not in ("original",)}
+    extra = {(f"input_{k}" if k in OWN_FIELDS else k): v for k, v in (item.source or {}).items() if k != "original"}
     return {**extra, "id": item.key}
 
 
@@ -85,6 +101,8 @@ def preference_rows(store: Store, *, ties: str = "drop", both_bad: str = "drop",
             rows.extend(_compare_rows(item, labs, ties, both_bad, stats))
         elif kind == "rank":
             rows.extend(_rank_rows(item, labs, rank_pairs, stats))
+    for row in rows:
+        row["chosen"], row["rejected"] = _reply(row["prompt"], row["chosen"]), _reply(row["prompt"], row["rejected"])
     stats["rows"] = len(rows)
     return rows, dict(stats)
 
@@ -184,20 +202,22 @@ def sft_rows(store: Store) -> list[dict[str, Any]]:
     for lab in live_labels(store):
         if lab.rewrite and lab.item_id in items:
             item = items[lab.item_id]
-            rows.append({**_base(item), "prompt": item.prompt, "completion": lab.rewrite["text"],
+            rows.append({**_base(item), "prompt": item.prompt, "completion": _reply(item.prompt, lab.rewrite["text"]),
                          "annotator": lab.annotator, "candidate": lab.rewrite["index"]})
     return rows
 
 
-def raw_rows(store: Store) -> list[dict[str, Any]]:
-    """Every label ever submitted (undone ones have `retracted_at`), lossless."""
-    rows = labels_with_context(store, live_only=False)
+def raw_rows(store: Store, after: int = 0, limit: int = 0) -> list[dict[str, Any]]:
+    """Every label ever submitted (undone ones have `retracted_at`), lossless; `after`/`limit` page by
+    label id."""
+    rows = labels_with_context(store, live_only=False, after=after, limit=limit)
     out = []
     for r in rows:
         side = None
         if r.choice in ("a", "b"):
             side = "left" if r.shown_order[0] == "ab".index(r.choice) else "right"
-        out.append({"label_id": r.id, "submission_id": r.submission_id, "item": r.key, "item_id": r.item_id,
+        out.append({"label_id": r.id, "submission_id": r.submission_id, "assignment_id": r.assignment_id,
+                    "item": r.key, "item_id": r.item_id,
                     "annotator": r.annotator, "kind": store.settings.kind, "gold_item": r.is_gold,
                     "created_at": _iso(r.created_at), "shown_order": r.shown_order, "choice": r.choice,
                     "chosen_side": side, "strength": r.strength, "margin": MARGINS.get(r.strength or ""),

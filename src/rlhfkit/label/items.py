@@ -8,7 +8,8 @@ where `prompt` is a string or a message list and a response is a string, or an o
 `{"text": "..."}` or `{"media": "clips/ep3.gif"}` (a file inside the project's media folder).
 Optional fields: `id` (the item's key, unique; default `item-<n>`), `gold` (a known answer: "a", "b",
 "tie" for compare, a best-first list of response indices for rank, a list of scores for rate) and
-`priority` (a number; higher is labeled first). Every other field is kept and exported with the labels.
+`priority` (a number; higher is labeled first). Every other field is kept and exported with the labels
+(one that the export itself writes or a trainer reads, such as `margin` or `tie`, as `input_<name>`).
 """
 
 from __future__ import annotations
@@ -171,11 +172,14 @@ def parse_row(row: Row, n: int, settings: Settings, media_root: Path | None) -> 
         raw = d["responses"]
         if not isinstance(raw, list):
             raise RowProblem(f"field 'responses' has the wrong type: expected a list, got {_kind(raw)}")
-        cands = [_candidate(v, f"field 'responses' item {i}", media_root) for i, v in enumerate(raw)]
+        names = [f"field 'responses' item {i}" for i in range(len(raw))]
+        cands = [_candidate(v, name, media_root) for v, name in zip(raw, names)]
     elif "response_a" in d or "response_b" in d:
+        names = ["field 'response_a'", "field 'response_b'"]
         cands = [_candidate(d.get(k), f"field '{k}'", media_root) if d.get(k) is not None
                  else _missing(k) for k in ("response_a", "response_b")]
     elif "chosen" in d or "rejected" in d:
+        names = ["field 'chosen'", "field 'rejected'"]
         cands = [_candidate(d.get(k), f"field '{k}'", media_root) if d.get(k) is not None
                  else _missing(k) for k in ("chosen", "rejected")]
     else:
@@ -186,8 +190,9 @@ def parse_row(row: Row, n: int, settings: Settings, media_root: Path | None) -> 
     if not ok or len(cands) > 20:
         raise RowProblem(f"a {settings.kind} item needs {need} responses (at most 20), got {len(cands)}")
     texts = [c.get("text") or c.get("media") for c in cands]
-    if len(set(texts)) != len(texts):
-        raise RowProblem("two responses are identical (nothing to choose between)")
+    for j, text in enumerate(texts):
+        if text in texts[:j]:
+            raise RowProblem(f"{names[j]} is identical to {names[texts.index(text)]} (nothing to choose between)")
     key = d.get("id", f"item-{n}")
     if isinstance(key, int) and not isinstance(key, bool):
         key = str(key)

@@ -31,15 +31,19 @@ from rlhfkit.label.agreement import (
 from rlhfkit.label.store import Store
 
 
-def labels_with_context(store: Store, live_only: bool = True) -> list[Any]:
+def labels_with_context(store: Store, live_only: bool = True, after: int = 0, limit: int = 0) -> list[Any]:
     """Labels (every column) with their assignment's shown order, the item and the annotator's name,
-    oldest first; `live_only` leaves out retracted (undone) ones."""
+    oldest first; `live_only` leaves out retracted (undone) ones; `after`/`limit` page by label id."""
     L, A, T, P = S.labels, S.assignments, S.items, S.annotators
     query = (select(L, A.c.shown_order, T.c.key, T.c.is_gold, T.c.gold, T.c.prompt, P.c.name.label("annotator"))
              .select_from(L.join(A, A.c.id == L.c.assignment_id).join(T, T.c.id == L.c.item_id)
                           .join(P, P.c.id == L.c.annotator_id)).order_by(L.c.id))
     if live_only:
         query = query.where(L.c.retracted_at.is_(None))
+    if after:
+        query = query.where(L.c.id > after)
+    if limit:
+        query = query.limit(limit)
     with store.read() as conn:
         return conn.execute(query).all()
 

@@ -81,7 +81,10 @@ def _engine(target: str, must_exist: bool) -> Engine:
     def _connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        # WAL is a lasting property of the file: never set it on another application's database (open
+        # refuses that one, and must leave it as it was)
+        if not must_exist or cur.execute("SELECT 1 FROM sqlite_master WHERE name = 'label_meta'").fetchone():
+            cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA synchronous={sync}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=60000")
@@ -249,9 +252,11 @@ class Store:
         except IntegrityError as exc:
             raise LabelError(f"items could not be added (nothing was added): {exc.orig}") from None
 
-    def count_items(self) -> int:
+    def count_items(self, gold: bool = False) -> int:
+        """How many items there are to label; `gold=True` counts the gold items too (all rows ever added)."""
+        query = select(func.count()).select_from(S.items)
         with self.read() as conn:
-            return conn.scalar(select(func.count()).select_from(S.items).where(S.items.c.is_gold.is_(False))) or 0
+            return conn.scalar(query if gold else query.where(S.items.c.is_gold.is_(False))) or 0
 
     # --- annotators ----------------------------------------------------------------------------------
 
@@ -260,6 +265,9 @@ class Store:
         name = name.strip()
         if not name or len(name) > 100 or any(ch in name for ch in "\n\r\t/"):
             raise LabelError(f"annotator name {name!r}: expected 1-100 characters without tabs, newlines or '/'")
+        if name == "admin" and role != "admin":  # `serve` gives this person the admin link
+            raise LabelError("annotator name 'admin' is the project's admin (its link is printed by `rlhfkit label "
+                             "serve`); choose another name")
         token = secrets.token_urlsafe(24)
         try:
             with self.write() as conn:
