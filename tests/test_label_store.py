@@ -1041,3 +1041,14 @@ def test_items_added_through_the_api_after_gold_rows_get_keys_of_their_own(proje
         assert sorted(keys_of(store).values()) == ["item-1", "item-2", "item-3", "item-4"]
     finally:
         store.close()
+
+
+@BOTH
+def test_relabeling_a_preference_file_reports_how_often_people_agree_with_it(open_project):
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+    store, queue = open_project(rows, overlap=1)
+    alice = person(store, "alice")
+    for choice in ("a", "a", "a", "b"):  # canonical a = the file's chosen answer
+        choose(queue, alice, choice)
+    audit = project_status(store)["audit"]
+    assert audit == {"agree_with_file": 0.75, "decided": 4}  # 3 of 4 decided votes for the file's chosen

@@ -208,6 +208,10 @@ def status_text(status: dict[str, Any]) -> str:
     if status["kind"] == "compare":
         share = "n/a" if pb["left_share"] is None else f"{100 * pb['left_share']:.1f}%"
         lines.append(f"position bias: left answer chosen in {share} of {pb['decided']} decided comparisons")
+    if status.get("audit", {}).get("agree_with_file") is not None:
+        au = status["audit"]
+        lines.append(f"audit: the file's chosen answer picked in {100 * au['agree_with_file']:.1f}% of {au['decided']} "
+                     "decided comparisons")
     lines.append(f"{'annotator':<20} {'labels':>7} {'skips':>6} {'per hour':>9} {'gold acc':>9}")
     for a in status["annotators"]:
         gold = "" if a["gold_accuracy"] is None else f"{100 * a['gold_accuracy']:.0f}% ({a['gold_seen']})"

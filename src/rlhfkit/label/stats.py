@@ -7,7 +7,8 @@ Agreement is computed on the item's own candidate order (never the shown order),
 - rate: one unit per (item, candidate, criterion), interval values; kappa is quadratic-weighted.
 Cohen's kappa is given per annotator pair (with the number of shared units), Krippendorff's alpha over
 everyone. Position bias is the share of decided comparisons won by the answer shown on the left (0.5
-means none). Gold accuracy per annotator: compare, the gold choice; rank, the share of candidate pairs
+means none). For items made from a preference file (`chosen`/`rejected` rows), `audit.agree_with_file` is the share of
+decided comparisons that picked the file's `chosen` answer. Gold accuracy per annotator: compare, the gold choice; rank, the share of candidate pairs
 ordered as in the gold ranking; rate, every score within 1 of the gold score (first criterion).
 """
 
@@ -35,7 +36,8 @@ def labels_with_context(store: Store, live_only: bool = True, after: int = 0, li
     """Labels (every column) with their assignment's shown order, the item and the annotator's name,
     oldest first; `live_only` leaves out retracted (undone) ones; `after`/`limit` page by label id."""
     L, A, T, P = S.labels, S.assignments, S.items, S.annotators
-    query = (select(L, A.c.shown_order, T.c.key, T.c.is_gold, T.c.gold, T.c.prompt, P.c.name.label("annotator"))
+    query = (select(L, A.c.shown_order, T.c.key, T.c.is_gold, T.c.gold, T.c.prompt, T.c.source,
+                    P.c.name.label("annotator"))
              .select_from(L.join(A, A.c.id == L.c.assignment_id).join(T, T.c.id == L.c.item_id)
                           .join(P, P.c.id == L.c.annotator_id)).order_by(L.c.id))
     if live_only:
@@ -100,6 +102,7 @@ def project_status(store: Store, disputed: int = 10) -> dict[str, Any]:
     values: dict[tuple[str, Any], Any] = {}
     by_item: dict[int, list[Any]] = defaultdict(list)
     left_won = decided = 0
+    audited = agreed = 0  # items made from a preference file: votes for the file's chosen answer
     for lab in labels:
         p = per[lab.annotator]
         if lab.choice == "skip":
@@ -121,6 +124,9 @@ def project_status(store: Store, disputed: int = 10) -> dict[str, Any]:
         if kind == "compare" and lab.choice in ("a", "b"):
             decided += 1
             left_won += int(lab.shown_order[0] == "ab".index(lab.choice))
+            if (lab.source or {}).get("original") == "chosen_first":
+                audited += 1
+                agreed += int(lab.choice == "a")
 
     units: dict[Any, list[Any]] = defaultdict(list)
     for (_, unit), value in values.items():
@@ -153,6 +159,7 @@ def project_status(store: Store, disputed: int = 10) -> dict[str, Any]:
             "kappa": [{"a": a, "b": b, "kappa": _round(k), "shared": n} for (a, b), (k, n) in sorted(kappas.items())],
         },
         "position_bias": {"left_share": _round(position_bias(left_won, decided)), "decided": decided},
+        "audit": {"agree_with_file": _round(agreed / audited) if audited else None, "decided": audited},
         "disputed": _disputed(kind, by_item, disputed),
         "computed_at": time.time(),
     }
