@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,14 @@ class LabelServer:
                 self.kill()
                 raise RuntimeError(f"label server did not start:\n{self.output}")
         self.admin_token = re.search(r"token=(\S+)", self.output).group(1)  # type: ignore[union-attr]
+        # Keep reading its output: a server that logs a lot must never block on a full pipe.
+        self.log: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
         wait_http(self.url + "/favicon.ico")
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self.log.append(line)
 
     def add_annotator(self, name: str) -> str:
         r = self.client(self.admin_token).post("/api/annotators", json={"name": name})
@@ -98,8 +106,6 @@ class LabelServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-        if self.proc.stdout:
-            self.proc.stdout.close()
 
 
 @pytest.fixture

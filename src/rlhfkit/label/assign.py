@@ -15,11 +15,12 @@ Rules (each enforced in the database, so they hold across threads, processes and
 from __future__ import annotations
 
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, exists, func, select, update
+from sqlalchemy import Connection, bindparam, case, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rlhfkit.label import schema as S
@@ -27,6 +28,7 @@ from rlhfkit.label.items import STRENGTHS, Settings
 from rlhfkit.label.store import LabelError, Store
 
 SIDES = {"left": 0, "right": 1}
+LABEL_FIELDS = ("choice", "strength", "ranking", "ratings", "rewrite", "comment", "duration_ms")
 
 
 class SubmitError(LabelError):
@@ -55,10 +57,40 @@ def shown_order(secret: str, annotator_id: int, item_id: int, n: int) -> list[in
     return order
 
 
-def _task(conn: Connection, assignment: Any) -> Task:
-    item = conn.execute(select(S.items).where(S.items.c.id == assignment.item_id)).one()
-    cands = [{"index": i, **item.candidates[i]} for i in assignment.shown_order]
-    return Task(assignment.id, item.id, item.key, item.prompt, cands, list(assignment.shown_order), item.is_gold)
+def _task(assignment_id: int, item: Any, order: list[int]) -> Task:
+    """A Task from an item row (id, key, prompt, candidates, is_gold) and the order it is shown in."""
+    cands = [{"index": i, **item.candidates[i]} for i in order]
+    return Task(assignment_id, item.id, item.key, item.prompt, cands, list(order), item.is_gold)
+
+
+_ITEM = (S.items.c.id, S.items.c.key, S.items.c.prompt, S.items.c.candidates, S.items.c.is_gold,
+         S.items.c.slots_left)
+
+# The statements of every answer, built once: SQLAlchemy then reuses their compiled form and cache key
+# (building them per call was half of the time of an answer).
+_A, _I, _L = S.assignments, S.items, S.labels
+_MINE = (select(_A.c.id.label("assignment_id"), _A.c.shown_order, *_ITEM)
+         .select_from(_A.join(_I, _I.c.id == _A.c.item_id))
+         .where(_A.c.annotator_id == bindparam("ann"), _A.c.state == "open").order_by(_A.c.id).limit(1))
+_PICK = (select(*_ITEM)
+         .where(_I.c.slots_left > 0,
+                ~exists().where(_A.c.item_id == _I.c.id, _A.c.annotator_id == bindparam("ann")))
+         .order_by(_I.c.priority.desc(), _I.c.id).limit(1).with_for_update(skip_locked=True))
+_NEW_ASSIGNMENT = _A.insert()
+_TAKE_SLOT = update(_I).where(_I.c.id == bindparam("iid")).values(slots_left=_I.c.slots_left - 1)
+_TASK_FOR_ANSWER = (select(_A.c.annotator_id, _A.c.item_id, _A.c.state, _A.c.shown_order, _I.c.candidates,
+                           _I.c.is_gold, _I.c.slots_left)
+                    .select_from(_A.join(_I, _I.c.id == _A.c.item_id))
+                    .where(_A.c.id == bindparam("aid")).with_for_update(of=_A))
+_PRIOR = select(_L.c.id, _L.c.annotator_id, _L.c.assignment_id).where(_L.c.submission_id == bindparam("sid"))
+_NEW_LABEL = _L.insert()
+_ANSWERED = update(_A).where(_A.c.id == bindparam("aid")).values(state=bindparam("state"))
+_ITEM_AFTER = {  # (skip, late) -> the item's counters after an answer
+    (False, False): update(_I).where(_I.c.id == bindparam("iid")).values(n_labels=_I.c.n_labels + 1),
+    (True, False): update(_I).where(_I.c.id == bindparam("iid")).values(slots_left=_I.c.slots_left + 1),
+    (False, True): update(_I).where(_I.c.id == bindparam("iid"))
+    .values(n_labels=_I.c.n_labels + 1, slots_left=_I.c.slots_left - 1),
+}
 
 
 def _expire(conn: Connection, settings: Settings) -> None:
@@ -77,9 +109,24 @@ def _expire(conn: Connection, settings: Settings) -> None:
 class Queue:
     """The assignment logic over one Store (one per server; holds no per-annotator state)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, free_ttl: float = 0.0) -> None:
+        """`free_ttl`: seconds the count of items with a free slot (for `progress`) may be reused; the
+        server uses 1 s, since the count scans every such item (20 ms with 100,000 of them)."""
         self.store = store
+        self.free_ttl = free_ttl
         self._last_expiry = 0.0
+        self._free = (-1e9, 0)  # (when counted, items with a free slot), kept current by _free_changed
+        self._free_lock = threading.Lock()
+
+    def _free_changed(self, delta: int) -> None:
+        """This server moved an item in (+1) or out (-1) of "has a free slot": keep the count exact
+        without counting again (changes by other processes show within free_ttl)."""
+        with self._free_lock:
+            self._free = (self._free[0], self._free[1] + delta)
+
+    def _free_unknown(self) -> None:
+        with self._free_lock:
+            self._free = (-1e9, 0)
 
     def next_for(self, annotator_id: int) -> Task | None:
         for _ in range(20):  # an IntegrityError means a concurrent request took the slot: pick again
@@ -96,11 +143,11 @@ class Queue:
         if now - self._last_expiry > 30:
             self._last_expiry = now
             _expire(conn, settings)
+            self._free_unknown()
         a = S.assignments
-        mine = conn.execute(select(a).where(a.c.annotator_id == annotator_id, a.c.state == "open")
-                            .order_by(a.c.id).limit(1)).first()
+        mine = conn.execute(_MINE, {"ann": annotator_id}).first()
         if mine is not None:
-            return _task(conn, mine)
+            return _task(mine.assignment_id, mine, mine.shown_order)
         seen = exists().where(a.c.item_id == S.items.c.id, a.c.annotator_id == annotator_id)
         item = None
         if settings.gold_rate > 0:
@@ -109,81 +156,100 @@ class Queue:
                 .select_from(a.join(S.items, S.items.c.id == a.c.item_id))
                 .where(a.c.annotator_id == annotator_id, a.c.state != "skipped")).one()
             if n_gold < settings.gold_rate * (n_all + 1):
-                item = conn.execute(select(S.items.c.id, S.items.c.candidates, S.items.c.is_gold)
-                                    .where(S.items.c.is_gold.is_(True), ~seen).order_by(S.items.c.id).limit(1)).first()
+                item = conn.execute(select(*_ITEM).where(S.items.c.is_gold.is_(True), ~seen)
+                                    .order_by(S.items.c.id).limit(1)).first()
         if item is None:
-            item = conn.execute(
-                select(S.items.c.id, S.items.c.candidates, S.items.c.is_gold)
-                .where(S.items.c.slots_left > 0, ~seen)
-                .order_by(S.items.c.priority.desc(), S.items.c.id).limit(1)
-                .with_for_update(skip_locked=True)).first()
+            item = conn.execute(_PICK, {"ann": annotator_id}).first()
         if item is None:
             return None
         order = shown_order(self.store.secret, annotator_id, item.id, len(item.candidates))
-        new_id = conn.execute(a.insert().values(item_id=item.id, annotator_id=annotator_id, shown_order=order,
-                                                state="open", created_at=now)).inserted_primary_key[0]
+        new_id = conn.execute(_NEW_ASSIGNMENT, {"item_id": item.id, "annotator_id": annotator_id,
+                                                "shown_order": order, "state": "open", "created_at": now}
+                              ).inserted_primary_key[0]
         if not item.is_gold:
-            conn.execute(update(S.items).where(S.items.c.id == item.id).values(slots_left=S.items.c.slots_left - 1))
-        return _task(conn, conn.execute(select(a).where(a.c.id == new_id)).one())
+            conn.execute(_TAKE_SLOT, {"iid": item.id})
+            if item.slots_left == 1:
+                self._free_changed(-1)
+        return _task(new_id, item, order)
 
     # --- submissions ---------------------------------------------------------------------------------
 
     def submit(self, annotator_id: int, body: dict[str, Any]) -> tuple[int, bool]:
         """Store one label; return (label id, duplicate). `body` holds assignment_id, submission_id and
         the answer fields (see docs/label.md); a bad body is a SubmitError naming the field."""
-        sid = body.get("submission_id")
-        if not isinstance(sid, str) or not 8 <= len(sid) <= 64:
-            raise SubmitError("field 'submission_id': expected a string of 8-64 characters (e.g. a UUID)")
-        aid = body.get("assignment_id")
-        if isinstance(aid, bool) or not isinstance(aid, int):
-            raise SubmitError("field 'assignment_id': expected the integer from the task")
+        sid, aid = _ids(body)
         try:
             with self.store.write() as conn:
                 return self._submit(conn, annotator_id, sid, aid, body)
         except IntegrityError:
-            # A concurrent retry with the same submission id won the race: answer as the retry would.
-            with self.store.read() as conn:
-                prior = conn.execute(select(S.labels.c.id, S.labels.c.annotator_id)
-                                     .where(S.labels.c.submission_id == sid)).first()
-            if prior is not None and prior.annotator_id == annotator_id:
-                return prior.id, True
-            raise SubmitError("this item was already labeled by you; undo it first to change the label", 409) from None
+            return self._answer_race(annotator_id, sid, aid)
+
+    def _answer_race(self, annotator_id: int, sid: str, aid: int) -> tuple[int, bool]:
+        """The label's insert hit a unique constraint: the submission id was stored already (by a
+        concurrent retry: answer as the retry would; for another task: refuse), or the task has a label."""
+        with self.store.read() as conn:
+            prior = conn.execute(_PRIOR, {"sid": sid}).first()
+        if prior is not None and prior.annotator_id == annotator_id and prior.assignment_id == aid:
+            return prior.id, True
+        if prior is not None:
+            raise SubmitError("field 'submission_id': already used for another submission", 409)
+        raise SubmitError("this item was already labeled by you; undo it first to change the label", 409)
 
     def _submit(self, conn: Connection, annotator_id: int, sid: str, aid: int, body: dict[str, Any]) -> tuple[int, bool]:
         # The assignment is locked first (PostgreSQL; SQLite writers take turns anyway): a retry of a
         # submission still being stored waits for it and then finds its submission id below, and a lease
         # expiring at the same moment waits and then finds the task answered.
-        a = conn.execute(select(S.assignments).where(S.assignments.c.id == aid).with_for_update()).first()
-        prior = conn.execute(select(S.labels.c.id, S.labels.c.annotator_id, S.labels.c.assignment_id)
-                             .where(S.labels.c.submission_id == sid)).first()
-        if prior is not None:
-            if prior.annotator_id != annotator_id or prior.assignment_id != aid:
-                raise SubmitError("field 'submission_id': already used for another submission", 409)
-            return prior.id, True
+        a = conn.execute(_TASK_FOR_ANSWER, {"aid": aid}).first()
+        if a is None or a.annotator_id != annotator_id or a.state in ("done", "skipped"):
+            prior = conn.execute(_PRIOR, {"sid": sid}).first()
+            if prior is not None:  # a retry of an answer already stored
+                if prior.annotator_id != annotator_id or prior.assignment_id != aid:
+                    raise SubmitError("field 'submission_id': already used for another submission", 409)
+                return prior.id, True
         if a is None or a.annotator_id != annotator_id:
             raise SubmitError(f"no task {aid} of yours (fetch the next task first)", 404)
         if a.state in ("done", "skipped"):
             raise SubmitError("this item was already labeled by you; undo it first to change the label", 409)
-        item = conn.execute(select(S.items.c.candidates, S.items.c.is_gold).where(S.items.c.id == a.item_id)).one()
-        fields = parse_answer(self.store.settings, body, list(a.shown_order), len(item.candidates))
+        fields = parse_answer(self.store.settings, body, list(a.shown_order), len(a.candidates))
         skip = fields.get("choice") == "skip"
-        now = time.time()
-        label_id = conn.execute(S.labels.insert().values(
-            submission_id=sid, assignment_id=aid, item_id=a.item_id, annotator_id=annotator_id, created_at=now,
-            **fields)).inserted_primary_key[0]
-        conn.execute(update(S.assignments).where(S.assignments.c.id == aid)
-                     .values(state="skipped" if skip else "done"))
-        values: dict[str, Any] = {} if skip else {"n_labels": S.items.c.n_labels + 1}
-        if not item.is_gold and (skip or a.state == "expired"):
-            # a skip hands the slot back; a late label on an expired lease takes one again
-            values["slots_left"] = S.items.c.slots_left + (1 if skip else -1)
-        if values:
-            conn.execute(update(S.items).where(S.items.c.id == a.item_id).values(**values))
+        row = dict.fromkeys(LABEL_FIELDS)
+        row.update(fields, submission_id=sid, assignment_id=aid, item_id=a.item_id, annotator_id=annotator_id,
+                   created_at=time.time(), retracted_at=None)
+        # a submission id used before for another task fails here (unique): see _answer_race
+        label_id = conn.execute(_NEW_LABEL, row).inserted_primary_key[0]
+        conn.execute(_ANSWERED, {"aid": aid, "state": "skipped" if skip else "done"})
+        # a skip hands the slot back; a late label on an expired lease takes one again
+        late = a.state == "expired" and not skip
+        if skip and a.is_gold:
+            return label_id, False
+        conn.execute(_ITEM_AFTER[(skip, late and not a.is_gold)], {"iid": a.item_id})
+        if not a.is_gold and ((skip and a.slots_left == 0) or (late and a.slots_left == 1)):
+            self._free_changed(1 if skip else -1)
         return label_id, False
+
+    def submit_and_next(self, annotator_id: int, body: dict[str, Any]) -> tuple[int, bool, Task | None]:
+        """`submit`, then `next_for`, in one transaction when possible (what an annotator's client does
+        after every answer). The label is stored whatever happens to the second part: a conflict while
+        picking the next task is retried in a transaction of its own."""
+        sid, aid = _ids(body)
+        try:
+            with self.store.write() as conn:
+                label_id, duplicate = self._submit(conn, annotator_id, sid, aid, body)
+                if self.store.sqlite:  # writers take turns: nothing can take the item we pick
+                    return label_id, duplicate, self._next(conn, annotator_id)
+                try:
+                    with conn.begin_nested():
+                        return label_id, duplicate, self._next(conn, annotator_id)
+                except IntegrityError:
+                    pass  # a concurrent request took the item we picked: pick after the commit
+        except IntegrityError:
+            label_id, duplicate = self._answer_race(annotator_id, sid, aid)
+        return label_id, duplicate, self.next_for(annotator_id)
 
     def undo(self, annotator_id: int) -> int | None:
         """Retract the annotator's last live label and reopen its item for them (it comes next, before an
         item they have open); the item id, or None."""
+        self._free_unknown()
         with self.store.write() as conn:
             last = conn.execute(select(S.labels.c.id, S.labels.c.assignment_id, S.labels.c.item_id, S.labels.c.choice)
                                 .where(S.labels.c.annotator_id == annotator_id, S.labels.c.retracted_at.is_(None))
@@ -217,12 +283,31 @@ class Queue:
             skip = case((L.c.choice == "skip", 1), else_=0)
             total, skipped = conn.execute(select(func.count(), func.coalesce(func.sum(skip), 0)).where(
                 L.c.annotator_id == annotator_id, L.c.retracted_at.is_(None))).one()
-            seen = exists().where(a.c.item_id == S.items.c.id, a.c.annotator_id == annotator_id)
-            left = conn.scalar(select(func.count()).select_from(S.items).where(
-                and_(S.items.c.slots_left > 0, ~seen))) or 0
-            open_ = conn.scalar(select(func.count()).select_from(a).where(
-                a.c.annotator_id == annotator_id, a.c.state == "open")) or 0
-        return {"done": int(total), "labeled": int(total) - int(skipped), "skipped": int(skipped), "left": left + open_}
+            # free items = items with a free slot (counted at most every free_ttl seconds) minus
+            # those this annotator was shown already, plus the ones they have open
+            now = time.monotonic()
+            if now - self._free[0] >= self.free_ttl:
+                count = conn.scalar(select(func.count()).select_from(S.items).where(S.items.c.slots_left > 0)) or 0
+                with self._free_lock:
+                    self._free = (now, count)
+            mine_free, open_ = conn.execute(
+                select(func.coalesce(func.sum(case((S.items.c.slots_left > 0, 1), else_=0)), 0),
+                       func.coalesce(func.sum(case((a.c.state == "open", 1), else_=0)), 0))
+                .select_from(a.join(S.items, S.items.c.id == a.c.item_id))
+                .where(a.c.annotator_id == annotator_id)).one()
+            left = max(0, self._free[1] - int(mine_free))
+        return {"done": int(total), "labeled": int(total) - int(skipped), "skipped": int(skipped),
+                "left": left + int(open_)}
+
+
+def _ids(body: dict[str, Any]) -> tuple[str, int]:
+    sid = body.get("submission_id")
+    if not isinstance(sid, str) or not 8 <= len(sid) <= 64:
+        raise SubmitError("field 'submission_id': expected a string of 8-64 characters (e.g. a UUID)")
+    aid = body.get("assignment_id")
+    if isinstance(aid, bool) or not isinstance(aid, int):
+        raise SubmitError("field 'assignment_id': expected the integer from the task")
+    return sid, aid
 
 
 def parse_answer(settings: Settings, body: dict[str, Any], order: list[int], n: int) -> dict[str, Any]:
