@@ -66,7 +66,7 @@ def _engine(target: str, must_exist: bool) -> Engine:
             raise LabelError(f"--db {describe(target)}: only postgresql:// URLs or a SQLite file path are supported")
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
-        return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)  # >= the server's 16 threads
+        return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)  # >= the server's 8 threads
     path = Path(os.path.expanduser(target)).absolute()
     if must_exist and not path.is_file():
         raise LabelError(f"{target}: no such label project (create it with `rlhfkit label init {target} --from FILE`)")
