@@ -109,3 +109,35 @@ def test_the_label_server_modules_load_no_training_code():
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_ratings_train_a_regression_reward_model_and_rewrites_train_sft(tmp_path: Path):
+    from rlhfkit.recipes.reward import RewardConfig
+    from rlhfkit.recipes.reward import train as train_reward
+    from rlhfkit.recipes.sft import SFTConfig
+    from rlhfkit.recipes.sft import train as train_sft
+
+    rows = [{"prompt": f"Describe {t}.", "responses": [f"{t} is nice.", f"I do not know {t}."]}
+            for t in ("rain", "bread", "trains", "cats")]
+    db = str(tmp_path / "rate.db")
+    cli("label", "init", db, "--from", str(write_jsonl(tmp_path / "c.jsonl", rows)), "--kind", "rate",
+        "--scale", "1-5", "--criteria", "helpful,harmless", "--rewrite")
+
+    def rate(task) -> dict:  # noqa: ANN001 - a person who likes confident answers and fixes the other one
+        scores = [5 if "nice" in task.candidates[task.shown_order.index(i)]["text"] else 2
+                  for i in range(len(task.candidates))]
+        unsure = next(i for i in range(2) if scores[i] == 2)
+        return {"ratings": {"helpful": scores, "harmless": [4, 4]},
+                "rewrite": {"index": unsure, "text": "Here is what I know about it."}}
+
+    assert label_everything(db, ["ann"], rate) == 4
+    ratings, sft = tmp_path / "ratings.jsonl", tmp_path / "sft.jsonl"
+    cli("label", "export", db, "--what", "ratings", "-o", str(ratings))
+    cli("label", "export", db, "--what", "sft", "-o", str(sft))
+    rated = [json.loads(line) for line in ratings.read_text().splitlines()]
+    assert sorted(r["score"] for r in rated) == [3.0] * 4 + [4.5] * 4  # mean of helpful and harmless
+    assert all(r["scores"]["harmless"] == 4 for r in rated)
+    train_reward(load_config(RewardConfig, None, [*TINY, "mode=regression", f"data.train={ratings}",
+                                                  "data.eval_fraction=0", f"output_dir={tmp_path / 'rm'}"]))
+    train_sft(load_config(SFTConfig, None, [*TINY, f"data.train={sft}", f"output_dir={tmp_path / 'sft'}"]))
+    assert (tmp_path / "rm" / "model").is_dir() and (tmp_path / "sft" / "model").is_dir()

@@ -884,6 +884,11 @@ def test_the_login_cookie_is_httponly_and_samesite_strict_and_the_token_leaves_t
         r = client.get("/label")
         assert r.status_code == 200 and media_server.tokens["alice"] not in r.text
         assert client.get("/api/me").json()["name"] == "alice"
+        assert "secure" not in attrs  # plain HTTP: a Secure cookie would never come back
+    with media_server.client() as via_proxy:  # behind a TLS proxy on this machine (X-Forwarded-Proto)
+        r = via_proxy.get("/login", params={"token": media_server.tokens["alice"]},
+                          headers={"X-Forwarded-Proto": "https"})
+        assert "secure" in [a.strip().lower() for a in r.headers["set-cookie"].split(";")]
 
 
 def test_cookie_requests_that_change_something_need_the_csrf_value_and_the_same_origin(media_server):

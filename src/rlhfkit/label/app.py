@@ -132,13 +132,15 @@ def create_app(store: Store, *, public_url: str = "") -> FastAPI:
     # --- entry ---------------------------------------------------------------------------------------
 
     @app.get("/login", include_in_schema=False)
-    def login(token: str = "") -> Response:
+    def login(request: Request, token: str = "") -> Response:
         person = people.get(token)
         if person is None:
             raise Denied(401, "This link is not valid (wrong, old or deactivated token).")
         target = "/admin" if person["role"] == "admin" else "/label"
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(cookie, token, httponly=True, samesite="strict", path="/", max_age=30 * 86400)
+        # Secure when reached over HTTPS (a TLS proxy that sends X-Forwarded-Proto, see docs/label.md)
+        response.set_cookie(cookie, token, httponly=True, samesite="strict", path="/", max_age=30 * 86400,
+                            secure=request.url.scheme == "https")
         return response
 
     @app.get("/", include_in_schema=False)
