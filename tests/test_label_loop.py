@@ -141,3 +141,41 @@ def test_ratings_train_a_regression_reward_model_and_rewrites_train_sft(tmp_path
                                                   "data.eval_fraction=0", f"output_dir={tmp_path / 'rm'}"]))
     train_sft(load_config(SFTConfig, None, [*TINY, f"data.train={sft}", f"output_dir={tmp_path / 'sft'}"]))
     assert (tmp_path / "rm" / "model").is_dir() and (tmp_path / "sft" / "model").is_dir()
+
+
+def test_the_label_demo_samples_candidates_prints_working_links_and_serves(tmp_path: Path):
+    """`rlhfkit demo --label` (make demo-label), here with a tiny model instead of the bundled one."""
+    import re
+    import subprocess
+    import time
+
+    import httpx
+
+    from tests.label_services import free_port
+
+    port = free_port()
+    db = tmp_path / "demo" / "feedback.db"
+    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit", "demo", "--label", "model=tiny:llama",
+                             "max_new_tokens=8", f"db={db}", f"port={port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = ""
+        while "add annotators" not in out:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            assert line, f"the demo exited:\n{out}"
+            out += line
+        links = dict(re.findall(r"(alice|bob): (http://\S+)", out))
+        assert set(links) == {"alice", "bob"} and f":{port}/login?token=" in links["alice"]
+        for _ in range(100):  # the server starts after the links are printed
+            try:
+                r = httpx.get(links["alice"], follow_redirects=True, trust_env=False)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert r.status_code == 200 and "Prompt" in r.text  # alice's first item
+        store = Store.open(str(db))
+        assert store.count_items() >= 1 and store.settings.overlap == 2 and "tie" in store.settings.guidelines
+        store.close()
+    finally:
+        proc.kill()
+        proc.wait()
