@@ -274,3 +274,33 @@ def test_resume_with_a_foreign_optimizer_state_is_a_clear_error(tmp_path: Path) 
     (ckpt / "manifest.json").unlink()  # such old checkpoints had no manifest (it would call the file damaged)
     with pytest.raises(RlhfkitError, match="optimizer state does not fit"):
         train(load_config(GymPPOConfig, None, args), resume=str(ckpt))
+
+
+def test_the_gradient_path_is_chosen_by_ppo_grad_and_logged(tmp_path: Path, capsys) -> None:
+    from rlhfkit.gym.fastgrad import FlatParams, PPOGrad
+    from rlhfkit.gym.ppo import build_agent, gradient_path
+
+    env = gym.make("CartPole-v1")
+    split = build_agent(env, {"hidden": [8], "activation": "tanh", "shared": False, "ortho_init": True})
+    shared = build_agent(env, {"hidden": [8], "activation": "tanh", "shared": True, "ortho_init": True})
+    assert isinstance(gradient_path(split, FlatParams(split), "auto", "ppo"), PPOGrad)
+    assert isinstance(gradient_path(split, FlatParams(split), "manual", "ppo"), PPOGrad)
+    assert gradient_path(split, FlatParams(split), "autograd", "ppo") is None
+    assert gradient_path(shared, FlatParams(shared), "auto", "ppo") is None  # no hand-written path: autograd
+    with pytest.raises(ConfigError, match=r"ppo\.grad.*no hand-written gradients"):
+        gradient_path(shared, FlatParams(shared), "manual", "ppo")
+    with pytest.raises(ConfigError, match=r"mappo\.grad.*expected auto, autograd or manual"):
+        gradient_path(split, FlatParams(split), "fast", "mappo")
+
+    # the same run on either path: the hand-written gradients are pinned to autograd's (test_gym_fastgrad),
+    # so the metrics agree to float noise; the path taken is printed
+    runs = {}
+    for grad in ("manual", "autograd"):
+        out = tmp_path / grad
+        train(load_config(GymPPOConfig, None, _args(out, "ppo.total_steps=256", f"ppo.grad={grad}")))
+        printed = capsys.readouterr().out
+        assert ("gradients: hand-written (gym/fastgrad.py)" if grad == "manual" else "gradients: autograd") in printed
+        runs[grad] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "train/policy_loss" in x]
+    for a, b in zip(runs["manual"], runs["autograd"]):
+        assert a["train/policy_loss"] == pytest.approx(b["train/policy_loss"], abs=1e-4)
+        assert a["train/value_loss"] == pytest.approx(b["train/value_loss"], rel=1e-3)

@@ -510,3 +510,26 @@ def test_explained_variance() -> None:
     assert math.isnan(explained_variance(t(1, 2, 3), t(5, 5, 5)))
     # masked: only the first two elements count (target 1, 2; prediction 1, 2 -> perfect)
     assert explained_variance(t(1, 2, 99, -99), target, t(1, 1, 0, 0)) == pytest.approx(1.0)
+
+
+def test_bootstrap_next_values_uses_the_final_observation_only_where_an_episode_was_truncated():
+    from rlhfkit.rl.advantages import bootstrap_next_values
+
+    # 3 steps x 2 envs. Env 0: truncated at t=1 (ended, not terminated): V(final obs) = 9 replaces
+    # values[2] = 3, the value of the next episode's first observation. Env 1: terminated at t=0: keeps
+    # values[1] = 20 (gae does not bootstrap a terminal step). After the last step: last_value.
+    values = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
+    last_value = torch.tensor([4.0, 40.0])
+    finals = torch.full((3, 2), 9.0)
+    terminated = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    ends = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    out = bootstrap_next_values(values, last_value, finals, terminated, ends)
+    assert out.tolist() == [[2.0, 20.0], [9.0, 30.0], [4.0, 40.0]]
+    # the same through gae, by hand for env 0 with gamma 1, lam 1, rewards 0: A_2 = 4 - 3 = 1;
+    # A_1 = 9 - 2 = 7 (the episode ends at t=1: no recursion past it); A_0 = (2 - 1) + A_1 = 8
+    adv, _ = gae(torch.zeros(3, 2), values, out, terminated, ends, gamma=1.0, lam=1.0)
+    assert adv[:, 0].tolist() == [8.0, 7.0, 1.0]
+    with pytest.raises(ValueError, match="last_value has shape"):
+        bootstrap_next_values(values, torch.zeros(3), finals, terminated, ends)
+    with pytest.raises(ValueError, match="final_values has shape"):
+        bootstrap_next_values(values, last_value, torch.zeros(2, 2), terminated, ends)

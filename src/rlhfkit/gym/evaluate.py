@@ -3,75 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.gym.common import EnvConfig, ObsNormalizer, SavableAgent, evaluate_policy
+from rlhfkit.gym.agents import load_agent
+from rlhfkit.gym.common import EnvConfig, ObsNormalizer, evaluate_policy
 
-
-def _agent_class(kind: str, path: Path) -> Any:
-    if kind == "ppo":
-        from rlhfkit.gym.ppo import ActorCritic
-
-        return ActorCritic
-    if kind == "dqn":
-        from rlhfkit.gym.dqn import QAgent
-
-        return QAgent
-    if kind == "mappo":
-        from rlhfkit.gym.mappo import MAActorCritic
-
-        return MAActorCritic
-    raise RlhfkitError(f"{path}: field 'type': unknown agent type {kind!r} (expected ppo, dqn or mappo)")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RlhfkitError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise RlhfkitError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def load_agent(folder: str | Path) -> tuple[SavableAgent, dict[str, Any], dict[str, Any] | None]:
-    """(agent in eval mode, its agent.json, normalizer statistics or None) from an agent or checkpoint folder."""
-    folder = Path(folder)
-    model_dir = folder / "model" if (folder / "model" / "agent.json").is_file() else folder
-    spec_path = model_dir / "agent.json"
-    if not spec_path.is_file():
-        raise RlhfkitError(f"{folder}: no agent.json; expected the agent/ folder of an `rlhfkit gym` run "
-                           "or one of its checkpoints/step-N folders")
-    spec = _read_json(spec_path)
-    agent = _agent_class(spec.get("type", ""), spec_path)
-    try:
-        model = agent.from_spec(spec)
-    except KeyError as exc:
-        raise RlhfkitError(f"{spec_path}: missing field {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise RlhfkitError(f"{spec_path}: a field has the wrong type or value ({exc})") from None
-    if not (model_dir / "model.safetensors").is_file():
-        raise RlhfkitError(f"{model_dir}: no model.safetensors next to agent.json")
-    try:
-        model.load_checkpoint_weights(model_dir)
-    except RlhfkitError:
-        raise
-    except Exception as exc:  # a truncated or foreign safetensors file, or shapes that differ from agent.json
-        raise RlhfkitError(f"{model_dir / 'model.safetensors'}: cannot load the weights: {exc}") from None
-    norms = None
-    if (model_dir / "normalizers.json").is_file():
-        norms = _read_json(model_dir / "normalizers.json")
-    elif (folder / "state.json").is_file():
-        norms = _read_json(folder / "state.json").get("normalizers")
-    return model.eval(), spec, norms
+__all__ = ["evaluate_saved", "load_agent", "quiet_rendering"]
 
 
 def _env_config(cls: Any, spec: dict[str, Any], folder: str) -> Any:

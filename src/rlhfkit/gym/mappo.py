@@ -47,6 +47,7 @@ import torch
 
 from rlhfkit.config import opt, section
 from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.gym.agents import load_agent as load_any
 from rlhfkit.gym.common import (
     EpisodeTracker,
     GymEvalConfig,
@@ -59,7 +60,7 @@ from rlhfkit.gym.common import (
 )
 from rlhfkit.gym.ppo import Batch, PPOUpdateConfig, run_ppo_updates
 from rlhfkit.losses.ppo import explained_variance
-from rlhfkit.rl.advantages import gae
+from rlhfkit.rl.advantages import bootstrap_next_values, gae
 from rlhfkit.runtime.atomic import atomic_folder
 from rlhfkit.runtime.distributed import DistInfo, barrier, broadcast_object, run_on_ranks
 from rlhfkit.runtime.seeding import seed_everything
@@ -295,8 +296,6 @@ class MAActorCritic(SavableAgent):
 
 def load_agent(folder: str | Path) -> MAActorCritic:
     """Rebuild a saved agent (`output_dir/agent` or a checkpoint's `model/`)."""
-    from rlhfkit.gym.evaluate import load_agent as load_any
-
     agent, spec, _ = load_any(folder)
     if not isinstance(agent, MAActorCritic):
         raise RlhfkitError(f"{folder} holds a '{spec.get('type')}' agent, not a MAPPO one")
@@ -345,10 +344,16 @@ def train(cfg: GymMAPPOConfig, resume: str | None = None) -> Path:
 
 
 class _Run:
-    """The environment copies and their current observations (restarted at checkpoints)."""
+    """`gym mappo`'s Collector: the environment copies and their current observations (restarted at
+    checkpoints), and the value normalizer; `agent` is set once it is built."""
 
-    def __init__(self, cfg: GymMAPPOConfig, info: DistInfo):
-        self.cfg, self.info = cfg, info
+    section = "mappo"
+
+    def __init__(self, cfg: GymMAPPOConfig, info: DistInfo, device: torch.device):
+        self.cfg, self.info, self.device = cfg, info, device
+        self.agent: MAActorCritic | None = None
+        self.vnorm = ValueNormalizer(cfg.mappo.value_norm)
+        self.steps_per_update = cfg.env.num_envs * cfg.mappo.n_steps * info.world_size
         self.envs = [make_parallel_env(cfg.env) for _ in range(cfg.env.num_envs)]
         self.spec = inspect_env(self.envs[0], cfg.env.id)
         self.features = Features(self.spec, cfg.mappo.critic, cfg.mappo.agent_id_feature, cfg.mappo.critic_own_obs)
@@ -377,28 +382,37 @@ class _Run:
         for env in self.envs:
             env.close()
 
+    def describe(self, updates: int) -> str:
+        cfg, f = self.cfg, self.features
+        return (f"{cfg.env.id}: {len(self.spec.agents)} agents, {cfg.mappo.critic} critic (input {f.critic_dim}), "
+                f"{cfg.env.num_envs} envs x {self.info.world_size} process(es), {updates} updates of "
+                f"{self.steps_per_update} steps, {sum(x.numel() for x in self.agent.parameters()):,} parameters")
+
+    def collect(self, fast: Any) -> tuple[Batch, dict[str, float]]:
+        return _collect(self, self.agent, self.vnorm, self.device)  # sampling through the agent itself
+
+    def evaluate(self) -> dict[str, float]:
+        return _evaluate(self.cfg, self.agent, self, self.info)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value_norm": self.vnorm.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.vnorm.load_state_dict(state["value_norm"])
+
 
 def _train(cfg: GymMAPPOConfig, resume: str | None, info: DistInfo) -> Path:
     torch.set_num_threads(cfg.threads)
     device = cfg.torch_device(info.local_rank)
     seed_everything(cfg.seed)  # identical network init on every rank
-    run = _Run(cfg, info)
+    run = _Run(cfg, info, device)
     f, p = run.features, cfg.mappo
     agent = MAActorCritic(f.actor_dim, f.critic_dim, run.spec.n_actions, len(run.spec.agents), p.critic,
                           dict(cfg.net.__dict__)).to(device)
     agent.context = {"env": dict(cfg.env.__dict__), "agent_id_feature": p.agent_id_feature}
-    vnorm = ValueNormalizer(p.value_norm)
-    per_update = cfg.env.num_envs * p.n_steps * info.world_size
-    session = run_ppo_updates(
-        cfg, p, agent, info, resume, per_update=per_update, episodes=run.episodes, restart=run.restart,
-        collect=lambda fast: _collect(run, agent, vnorm, device),
-        evaluate=lambda: _evaluate(cfg, agent, run, info),
-        load_state=lambda state: vnorm.load_state_dict(state["value_norm"]),
-        extra_state=lambda: {"value_norm": vnorm.state_dict()},
-        describe=lambda updates: f"{cfg.env.id}: {len(run.spec.agents)} agents, {p.critic} critic (input "
-                                 f"{f.critic_dim}), {cfg.env.num_envs} envs x {info.world_size} process(es), "
-                                 f"{updates} updates of {per_update} steps, "
-                                 f"{sum(x.numel() for x in agent.parameters()):,} parameters")
+    run.agent = agent
+    vnorm = run.vnorm
+    session = run_ppo_updates(cfg, p, agent, info, resume, run)
     run_dir = session.run_dir
     run.close()
     out = run_dir / "agent"
@@ -462,11 +476,7 @@ def _collect(run: _Run, agent: MAActorCritic, vnorm: ValueNormalizer,
         x = torch.as_tensor(feats.packed(run.obs, run.state))
     values = vnorm.denormalize(val_buf)
     last_value = vnorm.denormalize(agent.value(x.to(device)).cpu())
-    # next_values[t]: V(state after step t) = values[t + 1] (or the last value), replaced by V(final state)
-    # where the agent was truncated at t; terminated steps are not bootstrapped by gae itself.
-    shifted = torch.cat([values[1:], last_value[None]], 0)
-    truncated_mask = (end_buf > 0) & (term_buf == 0)
-    next_values = torch.where(truncated_mask, next_val, shifted)
+    next_values = bootstrap_next_values(values, last_value, next_val, term_buf, end_buf)
     cols = E * N
     adv, ret = gae(rew_buf.reshape(T, cols), values.reshape(T, cols), next_values.reshape(T, cols),
                    term_buf.reshape(T, cols), end_buf.reshape(T, cols), gamma=cfg.mappo.gamma, lam=cfg.mappo.lam)

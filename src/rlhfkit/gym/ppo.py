@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -45,7 +44,7 @@ from rlhfkit.gym.common import (
 )
 from rlhfkit.gym.fastgrad import FlatParams, PPOGrad
 from rlhfkit.losses.ppo import clipped_policy_loss, clipped_value_loss, explained_variance
-from rlhfkit.rl.advantages import gae
+from rlhfkit.rl.advantages import bootstrap_next_values, gae
 from rlhfkit.runtime.atomic import atomic_folder
 from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum, barrier, print0, run_on_ranks
 from rlhfkit.runtime.optim import NonFiniteError
@@ -81,6 +80,8 @@ class PPOUpdateConfig:
     max_grad_norm: float = opt(0.5, "global gradient-norm clip; 0 = off", ge=0.0)
     norm_adv: bool = opt(True, "normalize advantages per minibatch")
     target_kl: float = opt(0.0, "stop the epochs of an update once approx KL exceeds this; 0 = never", ge=0.0)
+    grad: str = opt("auto", "gradients: auto (hand-written when the agent allows, else autograd), autograd, or "
+                            "manual (hand-written, gym/fastgrad.py; an error if the agent has none)")
 
 
 @dataclass
@@ -206,10 +207,15 @@ def train(cfg: GymPPOConfig, resume: str | None = None) -> Path:
 
 
 class _Run:
-    """Environment state that lives across updates (and is restarted at checkpoints)."""
+    """`gym ppo`'s Collector: the vector env and its normalizers, which live across updates (and are
+    restarted at checkpoints); `agent` is set once it is built (it needs the env's spaces)."""
 
-    def __init__(self, cfg: GymPPOConfig, info: DistInfo):
-        self.cfg, self.info = cfg, info
+    section = "ppo"
+
+    def __init__(self, cfg: GymPPOConfig, info: DistInfo, device: torch.device | None = None):
+        self.cfg, self.info, self.device = cfg, info, device or torch.device("cpu")
+        self.agent: ActorCritic | None = None
+        self.steps_per_update = cfg.env.num_envs * cfg.ppo.n_steps * info.world_size
         self.envs = make_vector_env(cfg.env)
         self.obs_dim = int(np.prod(self.envs.single_observation_space.shape))
         space = self.envs.single_action_space
@@ -237,25 +243,32 @@ class _Run:
         self.obs_norm.rms.load_state_dict(state["obs"])
         self.rew_scale.rms.load_state_dict(state["reward"])
 
+    def describe(self, updates: int) -> str:
+        return (f"{self.cfg.env.id}: {self.cfg.env.num_envs} envs x {self.info.world_size} process(es), {updates} "
+                f"updates of {self.steps_per_update} steps, {sum(x.numel() for x in self.agent.parameters()):,} parameters")
+
+    def collect(self, fast: PPOGrad | None) -> tuple[Batch, dict[str, float]]:
+        return _collect(self, self.agent, self.device, fast)
+
+    def evaluate(self) -> dict[str, float]:
+        return _evaluate(self.cfg, self.agent, self, self.info)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"normalizers": self.normalizer_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_normalizers(state["normalizers"])
+
 
 def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
     torch.set_num_threads(cfg.threads)
     device = cfg.torch_device(info.local_rank)
     seed_everything(cfg.seed)  # identical network init on every rank
-    run = _Run(cfg, info)
+    run = _Run(cfg, info, device)
     agent = build_agent(make_env(cfg.env), cfg.net).to(device)
     agent.context = {"env": dict(cfg.env.__dict__), "normalize_obs": cfg.ppo.normalize_obs, "clip_obs": cfg.ppo.clip_obs}
-    p = cfg.ppo
-    per_update = cfg.env.num_envs * p.n_steps * info.world_size
-    session = run_ppo_updates(
-        cfg, p, agent, info, resume, per_update=per_update, episodes=run.episodes, restart=run.restart,
-        collect=lambda fast: _collect(run, agent, device, fast),
-        evaluate=lambda: _evaluate(cfg, agent, run, info),
-        load_state=lambda state: run.load_normalizers(state["normalizers"]),
-        extra_state=lambda: {"normalizers": run.normalizer_state()},
-        describe=lambda updates: f"{cfg.env.id}: {cfg.env.num_envs} envs x {info.world_size} process(es), "
-                                 f"{updates} updates of {per_update} steps, "
-                                 f"{sum(x.numel() for x in agent.parameters()):,} parameters")
+    run.agent = agent
+    session = run_ppo_updates(cfg, cfg.ppo, agent, info, resume, run)
     run_dir = session.run_dir
     run.envs.close()
     out = run_dir / "agent"
@@ -268,34 +281,77 @@ def _train(cfg: GymPPOConfig, resume: str | None, info: DistInfo) -> Path:
     return out
 
 
-def run_ppo_updates(cfg: Any, p: PPOUpdateConfig, agent: SavableAgent, info: DistInfo, resume: str | None, *,
-                    per_update: int, episodes: EpisodeTracker, restart: Callable[[int], None],
-                    collect: Callable[[PPOGrad | None], tuple[Batch, dict[str, float]]],
-                    evaluate: Callable[[], dict[str, float]], load_state: Callable[[dict[str, Any]], None],
-                    extra_state: Callable[[], dict[str, Any]], describe: Callable[[int], str]) -> GymSession:
+class Collector(Protocol):
+    """What the PPO update loop needs from a trainer: `gym ppo`, `gym mappo` and `gym rlhf` each
+    implement it (their environments, rewards and evaluation differ; the PPO update does not)."""
+
+    section: str
+    """The config section of the PPO options ("ppo", "mappo"), for messages."""
+    steps_per_update: int
+    """Environment steps per update, over all processes."""
+    episodes: EpisodeTracker
+
+    def describe(self, updates: int) -> str:
+        """One line printed before training."""
+
+    def restart(self, update: int) -> None:
+        """Fresh episodes, seeded by the update number (also after every checkpoint: exact resume)."""
+
+    def collect(self, fast: PPOGrad | None) -> tuple[Batch, dict[str, float]]:
+        """One rollout with the current policy (`fast.forward` when hand-written gradients are on)."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluation episodes (on the true reward); every rank gets the same numbers."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides the agent and optimizer (normalizers, ...)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def gradient_path(agent: Any, flat: FlatParams, choice: str, section: str) -> PPOGrad | None:
+    """The hand-written gradients of gym/fastgrad.py (`manual`), or None for autograd. `auto` takes the
+    hand-written ones when the agent has them (actor MLP + critic MLP); `manual` insists."""
+    if choice not in ("auto", "autograd", "manual"):
+        raise ConfigError(f"{section}.grad", f"expected auto, autograd or manual, got {choice!r}")
+    if choice == "autograd":
+        return None
+    fast = PPOGrad.build(agent, flat)
+    if fast is None and choice == "manual":
+        raise ConfigError(f"{section}.grad", f"no hand-written gradients for a {type(agent).__name__} (they cover an "
+                                             "actor MLP + critic MLP); use auto or autograd")
+    return fast
+
+
+def run_ppo_updates(cfg: Any, p: PPOUpdateConfig, agent: SavableAgent, info: DistInfo, resume: str | None,
+                    collector: Collector) -> GymSession:
     """The update loop of `gym ppo` and `gym mappo`: optimizer over one flat parameter buffer, resume,
     then collect -> PPO update -> schedule -> logging/eval/checkpoints until `p.total_steps`; under
     torchrun, checks at the end that the processes' parameters are identical. Returns the (closed) session."""
+    per_update, episodes = collector.steps_per_update, collector.episodes
     updates = max(1, p.total_steps // per_update)
     flat = FlatParams(agent)
-    fast = PPOGrad.build(agent, flat)
+    fast = gradient_path(agent, flat, p.grad, collector.section)
     session = open_gym_session(cfg, agent, lr=p.lr, adam_eps=p.adam_eps, anneal_lr=p.anneal_lr, updates=updates,
                                resume=resume, info=info, params=[flat.param])
     if session.state:
-        load_state(session.state)
-    print0(info, describe(updates))
-    restart(session.start)
+        collector.load_state_dict(session.state)
+    print0(info, collector.describe(updates))
+    print0(info, f"gradients: {'hand-written (gym/fastgrad.py)' if fast is not None else 'autograd'} "
+                 f"({collector.section}.grad={p.grad})")
+    collector.restart(session.start)
     loop = UpdateLoop(cfg, session, info, steps_done=session.start * per_update)
     update = session.start
     for update in range(session.start + 1, updates + 1):
         t0 = time.perf_counter()
-        batch, stats = collect(fast)
+        batch, stats = collector.collect(fast)
         stats.update(ppo_update(agent, flat, session.optimizer, batch, p, info, fast))
         stats["train/lr"] = session.scheduler.get_last_lr()[0]
         session.scheduler.step()
         stats.update(episodes.drain(info))
         stop = loop.end_update(update, steps=update * per_update, new_steps=per_update, elapsed=time.perf_counter() - t0,
-                               stats=stats, evaluate=evaluate, agent=agent, extra_state=extra_state, restart=restart)
+                               stats=stats, evaluate=collector.evaluate, agent=agent,
+                               extra_state=collector.state_dict, restart=collector.restart)
         if stop:
             break
     loop.close()
@@ -353,11 +409,7 @@ def _collect(run: _Run, agent: ActorCritic, device: torch.device,
     run.obs = obs
     last_value = forward(torch.from_numpy(obs).to(device))[1].cpu()
     values, rewards, terminal, ends = (torch.from_numpy(x) for x in (val_buf, rew_buf, term_buf, end_buf))
-    # next_values[t]: V(obs after step t) = val[t+1] (or the last value), replaced by V(final obs) where
-    # the episode was truncated at t (set above); terminated steps are not bootstrapped by gae itself.
-    shifted = torch.cat([values[1:], last_value[None]], 0)
-    truncated_mask = (ends > 0) & (terminal == 0)
-    next_values = torch.where(truncated_mask, torch.from_numpy(next_val), shifted)
+    next_values = bootstrap_next_values(values, last_value, torch.from_numpy(next_val), terminal, ends)
     adv, ret = gae(rewards, values, next_values, terminal, ends, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
     act = torch.from_numpy(act_buf)
     flat = Batch(torch.from_numpy(obs_buf).reshape(T * N, -1), act.reshape(T * N, *act.shape[2:]),

@@ -64,6 +64,34 @@ def gae(
     return advantages, advantages + values
 
 
+def bootstrap_next_values(
+    values: torch.Tensor,
+    last_value: torch.Tensor,
+    final_values: torch.Tensor,
+    terminated: torch.Tensor,
+    episode_end: torch.Tensor,
+) -> torch.Tensor:
+    """`next_values` for `gae` from a vectorized-env rollout, (T, ...) time-major:
+
+        next_values[t] = values[t + 1]       (the observation reached after step t; last_value after T - 1)
+                       = final_values[t]     where the episode was truncated at t (ended, not terminated)
+
+    With autoreset, the observation after a truncated step is the next episode's first one; the value to
+    bootstrap from is that of the real final observation (`final_values[t]`, only read where truncated).
+    Terminated steps keep values[t + 1]: gae does not bootstrap them. `last_value` has the shape of one
+    step, `values[0]`; the other inputs are (T, ...) like `values`.
+    """
+    for name, t in (("final_values", final_values), ("terminated", terminated), ("episode_end", episode_end)):
+        if t.shape != values.shape:
+            raise ValueError(f"bootstrap_next_values: {name} has shape {tuple(t.shape)}, expected {tuple(values.shape)}")
+    if last_value.shape != values.shape[1:]:
+        raise ValueError(f"bootstrap_next_values: last_value has shape {tuple(last_value.shape)}, "
+                         f"expected {tuple(values.shape[1:])}")
+    shifted = torch.cat([values[1:], last_value[None].to(values.dtype)], 0)
+    truncated = (episode_end > 0) & (terminated == 0)
+    return torch.where(truncated, final_values.to(values.dtype), shifted)
+
+
 def token_gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
