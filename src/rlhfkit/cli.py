@@ -115,6 +115,9 @@ _recipe(app, "ppo", "rlhfkit.recipes.ppo:PPOConfig",
         "built-in scorers (sentiment, length) or your own module:function.")
 _recipe(gym_app, "ppo", "rlhfkit.gym.ppo:GymPPOConfig",
         "PPO on a gymnasium environment (discrete or Box actions); under torchrun, DD-PPO across processes.")
+_recipe(gym_app, "rlhf", "rlhfkit.gym.rlhf:GymRLHFConfig",
+        "PPO on a reward learned from preferences between episode segments (oracle teacher, people in a label "
+        "project, or your own); the environment's reward is used only to evaluate.")
 _recipe(gym_app, "dqn", "rlhfkit.gym.dqn:GymDQNConfig",
         "DQN (optionally Double DQN) on a discrete-action gymnasium environment.")
 _recipe(gym_app, "mappo", "rlhfkit.gym.mappo:GymMAPPOConfig",

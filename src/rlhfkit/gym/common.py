@@ -48,9 +48,9 @@ def make_env(cfg: EnvConfig, render_mode: str | None = None) -> gym.Env:
         raise ConfigError("env.kwargs", f"'{cfg.id}' rejected the arguments: {exc}") from None
 
 
-def make_vector_env(cfg: EnvConfig) -> gym.vector.VectorEnv:
+def make_vector_env(cfg: EnvConfig, render_mode: str | None = None) -> gym.vector.VectorEnv:
     check_spaces(make_env(cfg), cfg.id)
-    fns = [lambda: make_env(cfg) for _ in range(cfg.num_envs)]
+    fns = [lambda: make_env(cfg, render_mode) for _ in range(cfg.num_envs)]
     mode = gym.vector.AutoresetMode.SAME_STEP
     if cfg.vector == "async":
         return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode)

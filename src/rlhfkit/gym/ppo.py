@@ -374,10 +374,14 @@ class Batch:
 
 
 @torch.no_grad()
-def _collect(run: _Run, agent: ActorCritic, device: torch.device,
-             fast: PPOGrad | None = None) -> tuple[Batch, dict[str, float]]:
+def _collect(run: _Run, agent: ActorCritic, device: torch.device, fast: PPOGrad | None = None,
+             learned: Any = None) -> tuple[Batch, dict[str, float]]:
     """One rollout of n_steps x num_envs; GAE with truncation bootstrapping. The per-step bookkeeping
-    lives in numpy (a torch indexing op costs more than stepping a CartPole)."""
+    lives in numpy (a torch indexing op costs more than stepping a CartPole).
+
+    `learned(trace) -> (T, N) rewards` replaces the environment's rewards before GAE (gym rlhf): `trace`
+    holds the rollout's obs (T, N, D) as the policy saw them, actions, the environment's `true` rewards,
+    `terminated`, `ends`, and `frames` (T lists of N images) when the envs render."""
     cfg, info = run.cfg, run.info
     T, N = cfg.ppo.n_steps, cfg.env.num_envs
     forward = fast.forward if fast is not None else agent
@@ -386,7 +390,11 @@ def _collect(run: _Run, agent: ActorCritic, device: torch.device,
     logp_buf, rew_buf, val_buf = np.zeros((T, N), np.float32), np.zeros((T, N), np.float32), np.zeros((T, N), np.float32)
     next_val, term_buf, end_buf = np.zeros((T, N), np.float32), np.zeros((T, N), np.float32), np.zeros((T, N), np.float32)
     obs = run.obs
+    true_buf = np.zeros((T, N), np.float32) if learned is not None else None
+    frames: list[Any] | None = [] if learned is not None and getattr(run, "render", False) else None
     for t in range(T):
+        if frames is not None:
+            frames.append(run.envs.render())  # the state the action below is taken in
         d, value = forward(torch.from_numpy(obs).to(device))
         action = agent.sample(d)
         obs_buf[t] = obs
@@ -397,7 +405,10 @@ def _collect(run: _Run, agent: ActorCritic, device: torch.device,
         raw_obs, reward, terminated, truncated, infos = run.envs.step(a)
         ended = np.logical_or(terminated, truncated)
         run.episodes.step(reward, ended)
-        rew_buf[t] = run.rew_scale(np.asarray(reward, np.float64), ended, info)
+        if true_buf is not None:
+            true_buf[t] = reward
+        else:
+            rew_buf[t] = run.rew_scale(np.asarray(reward, np.float64), ended, info)
         term_buf[t], end_buf[t] = terminated, ended
         run.obs_norm.update(raw_obs, info)
         obs = run.obs_norm(raw_obs)
@@ -407,6 +418,9 @@ def _collect(run: _Run, agent: ActorCritic, device: torch.device,
                 final = np.stack([infos["final_obs"][i] for i in idx])
                 next_val[t, idx] = forward(torch.from_numpy(run.obs_norm(final)).to(device))[1].cpu().numpy()
     run.obs = obs
+    if learned is not None:
+        rew_buf = np.asarray(learned({"obs": obs_buf, "actions": act_buf, "true": true_buf, "terminated": term_buf,
+                                      "ends": end_buf, "frames": frames}), np.float32)
     last_value = forward(torch.from_numpy(obs).to(device))[1].cpu()
     values, rewards, terminal, ends = (torch.from_numpy(x) for x in (val_buf, rew_buf, term_buf, end_buf))
     next_values = bootstrap_next_values(values, last_value, torch.from_numpy(next_val), terminal, ends)
