@@ -476,3 +476,13 @@ def test_partial_section_override_keeps_the_recipe_defaults() -> None:
 
     cfg = load_config(PPOConfig, None, ["train.lr=0.1"])
     assert cfg.train.lr == 0.1 and cfg.train.scheduler == "constant" and cfg.train.max_steps == 100
+
+
+def test_a_mapping_field_takes_a_yaml_mapping_on_the_command_line():
+    from rlhfkit.gym.common import EnvConfig  # noqa: F401 - a dataclass with a dict field (kwargs)
+    from rlhfkit.gym.ppo import GymPPOConfig
+
+    cfg = load_config(GymPPOConfig, None, ["env.kwargs={render_mode: rgb_array, sutton_barto_reward: true}"])
+    assert cfg.env.kwargs == {"render_mode": "rgb_array", "sutton_barto_reward": True}
+    with pytest.raises(ConfigError, match="env.kwargs"):
+        load_config(GymPPOConfig, None, ["env.kwargs=not a mapping"])

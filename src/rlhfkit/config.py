@@ -248,6 +248,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
             return str(value)
         raise fail
     if tp is dict or origin is dict:
+        if isinstance(value, _CliValue) and str(value).strip().startswith("{"):  # key={a: 1, b: x}
+            try:
+                value = yaml.safe_load(str(value))
+            except yaml.YAMLError:
+                raise fail from None
         if isinstance(value, dict):
             return value
         raise fail

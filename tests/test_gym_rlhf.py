@@ -1,0 +1,199 @@
+"""gym rlhf: the preference loss, segment cutting, the oracle's knobs and the schedule by hand; a CartPole
+run that learns from the oracle, resumes exactly, and one where a scripted person labels the clips
+through the real label server while the trainer waits."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlhfkit.config import load_config
+from rlhfkit.errors import ConfigError
+from rlhfkit.gym.reward_ensemble import RewardEnsemble, fit, pad_segments, preference_loss
+from rlhfkit.gym.rlhf import GymRLHFConfig, _RLHFRun, cut_segments, train
+from rlhfkit.gym.teachers import OracleTeacher, Segment, load_teacher
+from rlhfkit.runtime.distributed import DistInfo
+from tests.test_sft import _cli, _losses
+
+
+def test_preference_loss_is_bradley_terry_on_segment_sums_and_ties_train_toward_one_half():
+    r1, r2 = torch.tensor([2.0, 2.0, 0.0]), torch.tensor([1.0, 1.0, 0.0])
+    # -log sigmoid(1) = 0.31326; a tie: -(log sigmoid(1) + log sigmoid(-1)) / 2 = (0.31326 + 1.31326) / 2
+    # = 0.81326; equal sums with a tie: -log(1/2) = 0.69315. Mean = (0.31326 + 0.81326 + 0.69315) / 3
+    loss = preference_loss(r1, r2, torch.tensor([1.0, 0.5, 0.5]))
+    assert float(loss) == pytest.approx((0.313262 + 0.813262 + 0.693147) / 3, abs=1e-5)
+    # a tie's gradient pushes the difference to 0 from either side
+    d = torch.tensor([1.5], requires_grad=True)
+    preference_loss(d, torch.zeros(1), torch.tensor([0.5])).backward()
+    assert d.grad.item() > 0  # descending the loss lowers d toward 0
+
+
+def test_segments_stay_inside_episodes_and_keep_a_terminal_end_only():
+    T, N = 7, 1
+    trace = {"obs": np.arange(T * N * 2, dtype=np.float32).reshape(T, N, 2), "actions": np.zeros((T, N), np.int64),
+             "true": np.ones((T, N), np.float32), "terminated": np.zeros((T, N)), "ends": np.zeros((T, N)),
+             "frames": None}
+    trace["terminated"][1, 0] = trace["ends"][1, 0] = 1  # terminated at t=1: steps 0-1 are a short segment
+    trace["ends"][4, 0] = 1                               # truncated (time limit) at t=4: steps 2-4 are dropped
+    segs = cut_segments(trace, 4)                         # steps 5-6: the rollout ends before 4 steps: dropped
+    assert [(len(s.true_rewards), s.terminated) for s in segs] == [(2, True)]
+    trace["ends"][4, 0] = 0                               # no time limit: 2-5 is a full segment, 6 is short
+    segs = cut_segments(trace, 4)
+    assert [(len(s.true_rewards), s.terminated, s.obs[0, 0]) for s in segs] == [(2, True, 0.0), (4, False, 4.0)]
+
+
+def _seg(ret: float) -> Segment:
+    return Segment(np.zeros((1, 2)), np.zeros(1), np.array([ret]), False)
+
+
+def test_the_oracle_prefers_the_higher_true_return_with_b_pref_noise_knobs():
+    pairs = [(_seg(3), _seg(1)), (_seg(1), _seg(3)), (_seg(2), _seg(2.05))]
+    assert OracleTeacher().label(pairs) == [1.0, 0.0, 0.0]
+    assert OracleTeacher(tie_threshold=0.1).label(pairs) == [1.0, 0.0, 0.5]
+    assert OracleTeacher(mistake_rate=1.0).label(pairs[:2]) == [0.0, 1.0]
+    assert OracleTeacher(skip_below=5).label(pairs[:1]) == [None]
+    # Boltzmann-rational: P[first] = sigmoid((3 - 1) / 1) = 0.881
+    noisy = OracleTeacher(temperature=1.0, seed=3).label([(_seg(3), _seg(1))] * 4000)
+    assert sum(noisy) / 4000 == pytest.approx(1 / (1 + math.exp(-2)), abs=0.02)
+    with pytest.raises(ConfigError, match="unknown option 'noise'"):
+        load_teacher("oracle", {"noise": 1}, seed=0)
+    with pytest.raises(ConfigError, match="oracle, app or module:function"):
+        load_teacher("crowd", {}, seed=0)
+
+
+def test_the_ensemble_learns_which_segments_are_preferred():
+    ens = RewardEnsemble(2, "discrete", 2, members=2, hidden=[16], seed=0)
+    rng = np.random.default_rng(0)
+    # the true reward is obs[0]: a segment with larger obs[0] values is preferred
+    xs = [ens.features(rng.normal(size=(5, 2)).astype(np.float32), np.zeros(5)) for _ in range(200)]
+    a, b = pad_segments(xs[:100]), pad_segments(xs[100:])
+    mu = (a.x[:, :, 0].sum(1) > b.x[:, :, 0].sum(1)).float()
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in ens.members]
+    fit(ens, opts, a, b, mu, epochs=30, batch_size=32, generator=torch.Generator().manual_seed(0))
+    assert ens.accuracy(a, b, mu) > 0.9
+    held_a, held_b = pad_segments(xs[:50]), pad_segments(xs[150:])
+    held_mu = (held_a.x[:, :, 0].sum(1) > held_b.x[:, :, 0].sum(1)).float()
+    assert ens.accuracy(held_a, held_b, held_mu) > 0.8
+
+
+def _args(out: Path, *extra: str) -> list[str]:
+    return ["env.num_envs=4", "ppo.n_steps=64", "ppo.epochs=4", "ppo.minibatches=2", "progress=false",
+            "tensorboard=false", f"output_dir={out}", "reward.epochs=5", "reward.hidden=[32]", *extra]
+
+
+def test_the_schedule_asks_the_first_batch_at_once_and_the_budget_by_until():
+    cfg = load_config(GymRLHFConfig, None, _args(Path("/nonexistent"), "ppo.total_steps=25600", "feedback.budget=100",
+                                                 "feedback.initial=20", "feedback.until=0.5"))
+    run = _RLHFRun(cfg, DistInfo(), torch.device("cpu"), OracleTeacher())
+    assert run.updates == 100
+    assert run.due(1) == 20 + round(80 * (1 - (1 - 1 / 50) ** 2)) and run.due(50) == 100 and run.due(99) == 100
+    cfg.feedback.schedule = "constant"
+    assert run.due(25) == 20 + 40
+    run.envs.close()
+
+
+def test_cartpole_learns_from_the_oracle_and_writes_agent_and_reward_model(tmp_path: Path):
+    out = tmp_path / "run"
+    train(load_config(GymRLHFConfig, None, _args(out, "ppo.total_steps=24576", "env.num_envs=8", "ppo.n_steps=128",
+                                                 "feedback.budget=100", "feedback.initial=30", "eval.every=12288",
+                                                 "reward.epochs=20", "reward.hidden=[64,64]")))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval/return"] for r in rows if "eval/return" in r]
+    assert evals[-1] > 100, evals  # a random policy holds the pole ~22 steps
+    labeled = [r for r in rows if "feedback/labels" in r]
+    assert labeled[0]["feedback/asked"] >= 30 and labeled[-1]["feedback/asked"] == 100  # the first batch at once
+    assert any(r.get("reward/heldout_accuracy", 0) > 0.6 for r in labeled)
+    assert (out / "agent" / "agent.json").is_file()
+    spec = json.loads((out / "reward_model" / "reward_model.json").read_text())
+    assert spec["members"] == 3 and spec["labels"] <= 100
+
+
+def test_resume_continues_exactly_with_labels_ensemble_and_schedule(tmp_path: Path):
+    out = tmp_path / "run"
+    args = _args(out, "ppo.total_steps=1536", "save_every=2", "save_total_limit=0", "eval.every=0",
+                 "eval.episodes=1", "feedback.budget=40", "feedback.initial=10", "feedback.until=1.0")
+    train(load_config(GymRLHFConfig, None, args))
+    keys = ("train/policy_loss", "train/value_loss", "reward/loss")
+    full = {k: _losses(out, k) for k in keys}
+    for step in (4, 6):
+        shutil.rmtree(out / "checkpoints" / f"step-{step:08d}")
+    (out / "checkpoints" / "latest").write_text("step-00000002\n")
+    res = _cli("gym", "rlhf", *args, "--resume", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    for key, values in full.items():
+        again = _losses(out, key)
+        for step in (3, 4, 5, 6):
+            if step in values:
+                assert again[step] == pytest.approx(values[step], abs=1e-6), (key, step)
+
+
+def test_people_label_clips_in_the_label_app_while_the_trainer_waits(tmp_path: Path):
+    """A scripted person answers through the real server's API with the oracle's rule for CartPole (the
+    longer clip kept the pole up longer: its true return is its length), while `gym rlhf` waits."""
+    from PIL import Image
+
+    from rlhfkit.label.export import raw_rows
+    from rlhfkit.label.store import Store
+    from tests.label_server import LabelServer, make_project
+
+    media = tmp_path / "media"
+    media.mkdir()
+    seed_clip = media / "seed.gif"
+    Image.new("RGB", (8, 8)).save(seed_clip)
+    project = make_project(tmp_path / "clips.db", [{"prompt": "warm-up", "responses": [{"media": "seed.gif"}, "text"]}],
+                           kind="compare", media_dir=str(media))
+    with LabelServer(project) as srv:
+        person = srv.client(srv.add_annotator("pat"))
+        stop = threading.Event()
+        answered: dict[str, str] = {}
+
+        def label_loop() -> None:
+            while not stop.is_set():
+                task = person.get("/api/next").json()["task"]
+                if task is None:
+                    time.sleep(0.2)
+                    continue
+                lengths = []
+                for cand in task["candidates"]:
+                    if "media_url" not in cand:
+                        lengths.append(0)
+                        continue
+                    gif = Image.open(io.BytesIO(person.get(cand["media_url"]).content))
+                    lengths.append(gif.n_frames)
+                choice = "left" if lengths[0] > lengths[1] else "right" if lengths[1] > lengths[0] else "tie"
+                r = person.post("/api/labels", params={"next": "false"}, json={
+                    "assignment_id": task["assignment_id"], "submission_id": uuid.uuid4().hex, "choice": choice})
+                assert r.status_code == 200, r.text
+                answered[task["item"]] = choice
+
+        worker = threading.Thread(target=label_loop, daemon=True)
+        worker.start()
+        out = tmp_path / "run"
+        try:
+            train(load_config(GymRLHFConfig, None, _args(
+                out, "ppo.total_steps=12288", "env.num_envs=4", "ppo.n_steps=128", "feedback.budget=40",
+                "feedback.initial=20", "feedback.until=0.5", "feedback.teacher=app", "eval.every=12288",
+                "eval.episodes=5", f"feedback.teacher_options={{project: {project}, timeout: 120, poll: 0.2}}",
+                "reward.epochs=20")))
+        finally:
+            stop.set()
+            worker.join(timeout=10)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("feedback/asked", 0) for r in rows) == 40
+    store = Store.open(project)
+    labels = [r for r in raw_rows(store) if r["item"].startswith("rlhf-")]
+    store.close()
+    assert len(labels) == max(r.get("feedback/labels", 0) for r in rows)  # every label the trainer used is stored
+    assert {r["item"] for r in labels} <= set(answered)
+    evals = [r["eval/return"] for r in rows if "eval/return" in r]
+    assert evals[-1] > 25, evals  # above a random policy (~22)
