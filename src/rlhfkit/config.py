@@ -164,6 +164,8 @@ def _type_name(tp: Any) -> str:
         return f"a list of {inner}s"
     if tp is type(None):
         return "null"
+    if tp is dict or origin is dict:
+        return "a mapping, e.g. {key: value}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
