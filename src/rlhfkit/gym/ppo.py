@@ -235,6 +235,7 @@ class _Run:
         self.rew_scale.ret[:] = 0.0
         self.obs_norm.update(raw, self.info)
         self.obs = self.obs_norm(raw)
+        self.raw_obs = np.asarray(raw, np.float32)  # before normalization (gym rlhf's reward model reads these)
 
     def normalizer_state(self) -> dict[str, Any]:
         return {"obs": self.obs_norm.rms.state_dict(), "reward": self.rew_scale.rms.state_dict()}
@@ -380,7 +381,8 @@ def _collect(run: _Run, agent: ActorCritic, device: torch.device, fast: PPOGrad 
     lives in numpy (a torch indexing op costs more than stepping a CartPole).
 
     `learned(trace) -> (T, N) rewards` replaces the environment's rewards before GAE (gym rlhf): `trace`
-    holds the rollout's obs (T, N, D) as the policy saw them, actions, the environment's `true` rewards,
+    holds the rollout's raw observations (T, N, D; before any normalization, which moves as it learns),
+    actions, the environment's `true` rewards,
     `terminated`, `ends`, and `frames` (T lists of N images) when the envs render."""
     cfg, info = run.cfg, run.info
     T, N = cfg.ppo.n_steps, cfg.env.num_envs
@@ -391,6 +393,7 @@ def _collect(run: _Run, agent: ActorCritic, device: torch.device, fast: PPOGrad 
     next_val, term_buf, end_buf = np.zeros((T, N), np.float32), np.zeros((T, N), np.float32), np.zeros((T, N), np.float32)
     obs = run.obs
     true_buf = np.zeros((T, N), np.float32) if learned is not None else None
+    raw_buf = np.zeros((T, N, run.obs_dim), np.float32) if learned is not None else None
     frames: list[Any] | None = [] if learned is not None and getattr(run, "render", False) else None
     for t in range(T):
         if frames is not None:
@@ -406,7 +409,8 @@ def _collect(run: _Run, agent: ActorCritic, device: torch.device, fast: PPOGrad 
         ended = np.logical_or(terminated, truncated)
         run.episodes.step(reward, ended)
         if true_buf is not None:
-            true_buf[t] = reward
+            true_buf[t], raw_buf[t] = reward, run.raw_obs
+            run.raw_obs = np.asarray(raw_obs, np.float32)
         else:
             rew_buf[t] = run.rew_scale(np.asarray(reward, np.float64), ended, info)
         term_buf[t], end_buf[t] = terminated, ended
@@ -419,7 +423,7 @@ def _collect(run: _Run, agent: ActorCritic, device: torch.device, fast: PPOGrad 
                 next_val[t, idx] = forward(torch.from_numpy(run.obs_norm(final)).to(device))[1].cpu().numpy()
     run.obs = obs
     if learned is not None:
-        rew_buf = np.asarray(learned({"obs": obs_buf, "actions": act_buf, "true": true_buf, "terminated": term_buf,
+        rew_buf = np.asarray(learned({"obs": raw_buf, "actions": act_buf, "true": true_buf, "terminated": term_buf,
                                       "ends": end_buf, "frames": frames}), np.float32)
     last_value = forward(torch.from_numpy(obs).to(device))[1].cpu()
     values, rewards, terminal, ends = (torch.from_numpy(x) for x in (val_buf, rew_buf, term_buf, end_buf))
