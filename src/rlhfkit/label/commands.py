@@ -18,7 +18,7 @@ from typing import Any
 from rlhfkit.data.sources import Row
 from rlhfkit.errors import DataError
 from rlhfkit.label.items import ItemSpec, Settings, load_items, parse_rows
-from rlhfkit.label.store import LabelError, Store, describe, is_url
+from rlhfkit.label.store import LabelError, Store, check_new_file, describe
 
 
 def read_guidelines(path: str) -> str:
@@ -29,17 +29,6 @@ def read_guidelines(path: str) -> str:
         return p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise LabelError(f"--guidelines {path}: cannot read it as UTF-8 text ({exc})") from None
-
-
-def check_target(target: str) -> None:
-    """Refuse an existing SQLite file before any slow work (sampling) starts."""
-    if not is_url(target):
-        path = Path(os.path.expanduser(target))
-        if path.exists():
-            raise LabelError(f"{target}: already exists; add items with `rlhfkit label add {target} --from FILE`, "
-                             "or choose a new file")
-        if not path.parent.is_dir():
-            raise LabelError(f"{target}: the folder {path.parent} does not exist")
 
 
 def sample_specs(settings: Settings, model: str, prompts: str, *, samples: int, max_new_tokens: int,
@@ -101,7 +90,7 @@ def init_project(target: str, settings: Settings, *, source: str = "", model: st
         raise LabelError("give the candidates with --from FILE, or a model and prompts with --model M --prompts P")
     if model and not prompts:
         raise LabelError("--model needs --prompts FILE (the prompts to answer)")
-    check_target(target)
+    check_new_file(target)  # before any slow work (sampling)
     if source:
         specs = load_items(source, settings)
     else:

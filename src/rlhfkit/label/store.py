@@ -104,6 +104,31 @@ def _friendly(exc: Exception, target: str) -> LabelError:
     return LabelError(f"{target}: cannot open as a label project: {text}")
 
 
+def check_new_file(target: str) -> None:
+    """A new SQLite project's file must not exist yet, in a folder that does (URLs pass)."""
+    if is_url(target):
+        return
+    path = Path(os.path.expanduser(target))
+    if path.exists():
+        raise LabelError(f"{target}: already exists; add items with `rlhfkit label add {target} --from FILE`, "
+                         "or choose a new file")
+    if not path.parent.is_dir():
+        raise LabelError(f"{target}: the folder {path.parent} does not exist")
+
+
+@contextlib.contextmanager
+def _disposed_on_error(engine: Engine, target: str) -> Iterator[None]:
+    """Close the engine on any failure; database errors become one LabelError naming the target."""
+    try:
+        yield
+    except (OperationalError, DBAPIError) as exc:
+        engine.dispose()
+        raise _friendly(exc, target) from None
+    except BaseException:
+        engine.dispose()
+        raise
+
+
 class Store:
     """One project's database. Thread-safe: the server shares one Store between its worker threads."""
 
@@ -123,20 +148,13 @@ class Store:
         one clear LabelError (nothing is created or changed, except a migration from an older version)."""
         engine = _engine(target, must_exist=True)
         store = cls(engine, target)
-        try:
-            with engine.connect() as conn:
-                tables = set(inspect(conn).get_table_names())
-                if S.meta.name not in tables:
-                    what = "an empty database" if not tables else "a database of another application"
-                    raise LabelError(f"{describe(target)}: {what}, not an rlhfkit label project "
-                                     f"(create one with `rlhfkit label init`)")
-                values = dict(conn.execute(select(S.meta.c.key, S.meta.c.value)).all())
-        except (OperationalError, DBAPIError) as exc:
-            engine.dispose()
-            raise _friendly(exc, target) from None
-        except LabelError:
-            engine.dispose()
-            raise
+        with _disposed_on_error(engine, target), engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            if S.meta.name not in tables:
+                what = "an empty database" if not tables else "a database of another application"
+                raise LabelError(f"{describe(target)}: {what}, not an rlhfkit label project "
+                                 f"(create one with `rlhfkit label init`)")
+            values = dict(conn.execute(select(S.meta.c.key, S.meta.c.value)).all())
         if values.get("app") != S.APP:
             engine.dispose()
             raise LabelError(f"{describe(target)}: not an rlhfkit label project (app {values.get('app')!r})")
@@ -169,26 +187,15 @@ class Store:
         settings.check()
         if is_url(target):
             engine = _engine(target, must_exist=False)
-            try:
-                with engine.begin() as conn:
-                    if inspect(conn).get_table_names():
-                        raise LabelError(f"--db {describe(target)}: the database already has tables; "
-                                         "use an empty database for a new project")
-                    _create_in(conn, settings, specs)
-            except (OperationalError, DBAPIError) as exc:
-                engine.dispose()
-                raise _friendly(exc, target) from None
-            except LabelError:
-                engine.dispose()
-                raise
+            with _disposed_on_error(engine, target), engine.begin() as conn:
+                if inspect(conn).get_table_names():
+                    raise LabelError(f"--db {describe(target)}: the database already has tables; "
+                                     "use an empty database for a new project")
+                _create_in(conn, settings, specs)
             engine.dispose()
             return cls.open(target)
+        check_new_file(target)
         path = Path(os.path.expanduser(target))
-        if path.exists():
-            raise LabelError(f"{target}: already exists; add items with `rlhfkit label add {target} --from FILE`, "
-                             "or choose a new file")
-        if not path.parent.is_dir():
-            raise LabelError(f"{target}: the folder {path.parent} does not exist")
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         engine = _engine(str(tmp), must_exist=False)
         try:
