@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -280,24 +283,47 @@ class _Capture:
         return 0.0
 
 
-def _rank_main(rank: int, folder: str) -> None:
-    import torch.distributed as dist
+def _rank_grads(rank: int) -> torch.Tensor:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from rlhfkit.recipes.ppo import Batch, ppo_update
     from rlhfkit.runtime.distributed import DistInfo
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     cfg, model, b = _ppo_fixture()
     rows = torch.arange(2 * rank, 2 * rank + 2)
     mine = Batch(b.rollout.select(rows), b.old_logps[rows], b.ref_logps[rows], None, b.advantages[rows], None,
                  b.mask[rows])
     run = _Capture(DDP(model), DistInfo(rank, 2, rank))
     ppo_update(cfg, run, model, mine, 1, critic_only=False, kl_coef=0.0)  # type: ignore[arg-type]
+    return run.grads[0]
+
+
+def _rank_main(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    # The DDP wrapper lives only inside _rank_grads: a DDP reducer still alive when the group is
+    # destroyed tears down its process group at exit, and that hung about one run in six.
+    grads = _rank_grads(rank)
     if rank == 0:
-        torch.save(run.grads[0], f"{folder}/grad.pt")
+        torch.save(grads, f"{folder}/grad.pt")
+    dist.barrier()
     dist.destroy_process_group()
+
+
+def _spawn_ranks(fn: Callable[..., None], args: tuple, nprocs: int, deadline_s: float = 240.0) -> None:
+    """torch.multiprocessing.spawn with a deadline: ranks still running after it are killed and the
+    test fails, so a stuck collective cannot stall the suite."""
+    ctx = torch.multiprocessing.spawn(fn, args=args, nprocs=nprocs, join=False)
+    start = time.monotonic()
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() - start > deadline_s:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            pytest.fail(f"{nprocs} spawned ranks still running after {deadline_s:.0f} s")
 
 
 def test_ppo_loss_weighs_every_token_equally_across_ranks(tmp_path: Path) -> None:
@@ -311,6 +337,6 @@ def test_ppo_loss_weighs_every_token_equally_across_ranks(tmp_path: Path) -> Non
     ppo_update(cfg, run, model, b, 1, critic_only=False, kl_coef=0.0)  # type: ignore[arg-type]
     (single,) = run.grads
     # two processes with 2 completions each (12 and 2 tokens): the averaged gradient must be the same
-    torch.multiprocessing.spawn(_rank_main, args=(str(tmp_path),), nprocs=2, join=True)
+    _spawn_ranks(_rank_main, (str(tmp_path),), nprocs=2)
     both = torch.load(tmp_path / "grad.pt")
     torch.testing.assert_close(both, single, rtol=1e-4, atol=1e-7)

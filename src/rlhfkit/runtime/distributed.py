@@ -6,6 +6,7 @@ Backend: nccl on CUDA, gloo on CPU. Only rank 0 writes files and prints progress
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ def run_on_ranks(body: Callable[[DistInfo], T], device: torch.device) -> T:
     except BaseException:
         cleanup()  # no barrier: the other ranks may be inside a collective this rank will never join
         raise
+    # Free what the run left in reference cycles (a DDP reducer among them) while the group still
+    # exists: a reducer destroyed after destroy_process_group can hang in its process group's teardown.
+    gc.collect()
     cleanup(synchronize=True)
     return result
 
