@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from rlhfkit.config import load_config
-from rlhfkit.errors import ConfigError
-from rlhfkit.gym.reward_ensemble import RewardEnsemble, fit, pad_segments, preference_loss
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.gym.reward_ensemble import (RewardEnsemble, fit, fit_ratings, load_reward_model, pad_segments,
+                                         preference_loss, rating_loss, standardize)
 from rlhfkit.gym.rlhf import GymRLHFConfig, _RLHFRun, cut_segments, train
 from rlhfkit.gym.teachers import OracleTeacher, Segment, load_teacher
 from rlhfkit.runtime.distributed import DistInfo
@@ -86,6 +87,42 @@ def test_the_ensemble_learns_which_segments_are_preferred():
     assert ens.accuracy(held_a, held_b, held_mu) > 0.8
 
 
+def test_rating_loss_is_squared_error_on_standardized_scores_up_to_a_shift():
+    # scores 1, 3, 5: mean 3, std 2 -> targets -1, 0, 1; returns 0, 0, 3: residuals 1, 0, 2 (mean 1)
+    # -> ((1-1)^2 + (0-1)^2 + (2-1)^2) / 3 = 2/3, and the same for returns shifted by any constant
+    target = standardize(torch.tensor([1.0, 3.0, 5.0]))
+    assert target.tolist() == pytest.approx([-1.0, 0.0, 1.0])
+    assert float(rating_loss(torch.tensor([0.0, 0.0, 3.0]), target)) == pytest.approx(2 / 3)
+    assert float(rating_loss(torch.tensor([10.0, 10.0, 13.0]), target)) == pytest.approx(2 / 3)
+    assert standardize(torch.tensor([4.0, 4.0])).tolist() == [0.0, 0.0]  # nothing to tell apart yet
+
+
+def test_the_ensemble_learns_from_scores_and_spread_ranks_where_members_disagree():
+    ens = RewardEnsemble(2, "discrete", 2, members=3, hidden=[16], seed=0)
+    rng = np.random.default_rng(1)
+    xs = [ens.features(rng.normal(size=(5, 2)).astype(np.float32), np.zeros(5)) for _ in range(240)]
+    seg = pad_segments(xs[:200])
+    scores = 4 + 2 * seg.x[:, :, 0].sum(1)  # a person's scale: any offset and scale
+    assert ens.spread(seg).shape == (200,)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in ens.members]
+    fit_ratings(ens, opts, seg, scores, epochs=40, batch_size=32, generator=torch.Generator().manual_seed(0))
+    held = pad_segments(xs[200:])
+    assert ens.correlation(held, 4 + 2 * held.x[:, :, 0].sum(1)) > 0.9
+    assert ens.correlation(seg, scores) > 0.95
+    # far outside the data the members were fit on, they disagree more than on it
+    far = pad_segments([x * 0 + 25.0 for x in xs[:20]])
+    assert float(ens.spread(pad_segments(xs[:20] + [far.x[0]])).argmax()) == 20
+
+
+def test_the_oracle_rates_a_segment_by_its_true_return():
+    assert OracleTeacher().rate([_seg(3), _seg(-1)]) == [3.0, -1.0]
+    assert OracleTeacher(skip_below=0).rate([_seg(3), _seg(-1)]) == [3.0, None]
+    noisy = OracleTeacher(rating_noise=2.0, seed=0).rate([_seg(1)] * 4000)
+    assert np.mean(noisy) == pytest.approx(1.0, abs=0.1) and np.std(noisy) == pytest.approx(2.0, abs=0.1)
+    with pytest.raises(ConfigError, match="rating_noise >= 0"):
+        OracleTeacher(rating_noise=-1)
+
+
 def _args(out: Path, *extra: str) -> list[str]:
     return ["env.num_envs=4", "ppo.n_steps=64", "ppo.epochs=4", "ppo.minibatches=2", "progress=false",
             "tensorboard=false", f"output_dir={out}", "reward.epochs=5", "reward.hidden=[32]", *extra]
@@ -116,6 +153,57 @@ def test_cartpole_learns_from_the_oracle_and_writes_agent_and_reward_model(tmp_p
     assert (out / "agent" / "agent.json").is_file()
     spec = json.loads((out / "reward_model" / "reward_model.json").read_text())
     assert spec["members"] == 3 and spec["labels"] <= 100
+    _check_outputs(out, "compare")
+
+
+def _check_outputs(out: Path, mode: str) -> None:
+    """labels.jsonl holds every answered query with raw segments; the saved reward model loads back and,
+    scoring their raw observations and actions step by step, orders them like the labels."""
+    labels = [json.loads(x) for x in (out / "labels.jsonl").read_text().splitlines()]
+    spec = json.loads((out / "reward_model" / "reward_model.json").read_text())
+    assert len(labels) == spec["labels"] and spec["mode"] == mode
+    assert [r["query"] for r in labels] == sorted(r["query"] for r in labels)
+    assert {r["split"] for r in labels} == {"train", "heldout"}
+    first = labels[0]
+    segs = [first["a"], first["b"]] if mode == "compare" else [first["segment"]]
+    for seg in segs:
+        assert len(seg["obs"]) == len(seg["actions"]) and len(seg["obs"][0]) == 4
+    if mode == "compare":
+        truth = [float(np.sign(r["a"]["true_return"] - r["b"]["true_return"]) + 1) / 2 for r in labels]
+        assert [r["label"] for r in labels] == truth  # the clean oracle; equal returns are a tie
+    else:
+        assert [r["score"] for r in labels] == [r["segment"]["true_return"] for r in labels]
+    model = load_reward_model(out)
+
+    def total(seg: dict) -> float:
+        return float(model.score(np.array(seg["obs"], np.float32), np.array(seg["actions"])).sum())
+
+    if mode == "compare":
+        decided = [r for r in labels if r["label"] != 0.5]
+        agree = [(total(r["a"]) > total(r["b"])) == (r["label"] == 1.0) for r in decided]
+        assert np.mean(agree) > 0.8
+    else:
+        assert np.corrcoef([total(r["segment"]) for r in labels], [r["score"] for r in labels])[0, 1] > 0.8
+    both = np.zeros((2, 4), np.float32)
+    assert model.score(both, np.zeros(2, np.int64)).shape == (2,)
+    with pytest.raises(RlhfkitError, match="pass the actions too"):
+        model.score(both)
+    with pytest.raises(RlhfkitError, match="4 values in the last dimension"):
+        model.score(np.zeros((2, 3)), np.zeros(2))
+    with pytest.raises(RlhfkitError, match="no reward_model.json"):
+        load_reward_model(out / "agent")
+
+
+def test_cartpole_learns_from_rated_segments(tmp_path: Path):
+    out = tmp_path / "run"
+    train(load_config(GymRLHFConfig, None, _args(out, "ppo.total_steps=24576", "env.num_envs=8", "ppo.n_steps=128",
+                                                 "feedback.mode=rate", "feedback.budget=150", "feedback.initial=40",
+                                                 "eval.every=12288", "reward.epochs=20", "reward.hidden=[64,64]")))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval/return"] for r in rows if "eval/return" in r]
+    assert evals[-1] > 100, evals
+    assert any(r.get("reward/heldout_corr", 0) > 0.5 for r in rows)
+    _check_outputs(out, "rate")
 
 
 def test_resume_continues_exactly_with_labels_ensemble_and_schedule(tmp_path: Path):
@@ -137,9 +225,11 @@ def test_resume_continues_exactly_with_labels_ensemble_and_schedule(tmp_path: Pa
                 assert again[step] == pytest.approx(values[step], abs=1e-6), (key, step)
 
 
-def test_people_label_clips_in_the_label_app_while_the_trainer_waits(tmp_path: Path):
+@pytest.mark.parametrize("mode", ["compare", "rate"])
+def test_people_label_clips_in_the_label_app_while_the_trainer_waits(tmp_path: Path, mode: str):
     """A scripted person answers through the real server's API with the oracle's rule for CartPole (the
-    longer clip kept the pole up longer: its true return is its length), while `gym rlhf` waits."""
+    longer clip kept the pole up longer: its true return is its length), while `gym rlhf` waits. Rating,
+    the person scores each clip 1-7 by its length."""
     from PIL import Image
 
     from rlhfkit.label.export import raw_rows
@@ -151,11 +241,11 @@ def test_people_label_clips_in_the_label_app_while_the_trainer_waits(tmp_path: P
     seed_clip = media / "seed.gif"
     Image.new("RGB", (8, 8)).save(seed_clip)
     project = make_project(tmp_path / "clips.db", [{"prompt": "warm-up", "responses": [{"media": "seed.gif"}, "text"]}],
-                           kind="compare", media_dir=str(media))
+                           kind=mode, media_dir=str(media))
     with LabelServer(project) as srv:
         person = srv.client(srv.add_annotator("pat"))
         stop = threading.Event()
-        answered: dict[str, str] = {}
+        answered: dict[str, object] = {}
 
         def label_loop() -> None:
             while not stop.is_set():
@@ -170,30 +260,74 @@ def test_people_label_clips_in_the_label_app_while_the_trainer_waits(tmp_path: P
                         continue
                     gif = Image.open(io.BytesIO(person.get(cand["media_url"]).content))
                     lengths.append(gif.n_frames)
-                choice = "left" if lengths[0] > lengths[1] else "right" if lengths[1] > lengths[0] else "tie"
-                r = person.post("/api/labels", params={"next": "false"}, json={
-                    "assignment_id": task["assignment_id"], "submission_id": uuid.uuid4().hex, "choice": choice})
+                body: dict[str, object] = {"assignment_id": task["assignment_id"], "submission_id": uuid.uuid4().hex}
+                if mode == "compare":
+                    body["choice"] = "left" if lengths[0] > lengths[1] else "right" if lengths[1] > lengths[0] else "tie"
+                else:  # shown in a shuffled order; scores go by each candidate's index
+                    scores = [0] * len(lengths)
+                    for cand, n in zip(task["candidates"], lengths):
+                        scores[cand["index"]] = 1 + round(6 * min(n, 25) / 25)
+                    body["ratings"] = {"overall": scores}
+                r = person.post("/api/labels", params={"next": "false"}, json=body)
                 assert r.status_code == 200, r.text
-                answered[task["item"]] = choice
+                answered[task["item"]] = body
 
         worker = threading.Thread(target=label_loop, daemon=True)
         worker.start()
         out = tmp_path / "run"
+        budget = 40 if mode == "compare" else 80
         try:
             train(load_config(GymRLHFConfig, None, _args(
-                out, "ppo.total_steps=12288", "env.num_envs=4", "ppo.n_steps=128", "feedback.budget=40",
-                "feedback.initial=20", "feedback.until=0.5", "feedback.teacher=app", "eval.every=12288",
-                "eval.episodes=5", f"feedback.teacher_options={{project: {project}, timeout: 120, poll: 0.2}}",
-                "reward.epochs=20")))
+                out, "ppo.total_steps=12288", "env.num_envs=4", "ppo.n_steps=128", f"feedback.budget={budget}",
+                "feedback.initial=20", "feedback.until=0.5", "feedback.teacher=app", f"feedback.mode={mode}",
+                "eval.every=12288", "eval.episodes=5",
+                f"feedback.teacher_options={{project: {project}, timeout: 120, poll: 0.2}}", "reward.epochs=20")))
         finally:
             stop.set()
             worker.join(timeout=10)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert max(r.get("feedback/asked", 0) for r in rows) == 40
+    assert max(r.get("feedback/asked", 0) for r in rows) == budget
     store = Store.open(project)
     labels = [r for r in raw_rows(store) if r["item"].startswith("rlhf-")]
     store.close()
-    assert len(labels) == max(r.get("feedback/labels", 0) for r in rows)  # every label the trainer used is stored
     assert {r["item"] for r in labels} <= set(answered)
+    used = max(r.get("feedback/labels", 0) for r in rows)
+    if mode == "compare":
+        assert len(labels) == used  # every label the trainer used is stored
+    else:  # up to 4 clips per item, each clip's score one label for the trainer
+        assert sum(len(r["ratings"]["overall"]) for r in labels) == used
+        kept = [json.loads(x)["score"] for x in (out / "labels.jsonl").read_text().splitlines()]
+        given = sorted(float(v) for r in labels for v in r["ratings"]["overall"])
+        assert sorted(kept) == given
     evals = [r["eval/return"] for r in rows if "eval/return" in r]
     assert evals[-1] > 25, evals  # above a random policy (~22)
+
+
+def test_two_processes_share_labels_and_resume_exactly(tmp_path: Path):
+    """Under torchrun each rank asks its share of the queries from its own segments; every rank keeps
+    the gathered labels, so the agents stay identical, and a resumed pair of ranks continues exactly."""
+    out = tmp_path / "ddp"
+    args = ("gym", "rlhf", *_args(out, "ppo.total_steps=2048", "env.num_envs=2", "save_every=2", "save_total_limit=0",
+                                  "eval.every=0", "eval.episodes=1", "feedback.budget=31", "feedback.initial=9",
+                                  "feedback.until=1.0", "seed=3"))
+    res = _cli(*args, cwd=tmp_path, torchrun=2)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
+    assert max(_losses(out, "dist/param_divergence").values()) == 0.0
+    # 8 updates (2 ranks x 2 envs x 64 steps each): 9 first + 22 x (1 - (7/8)^2) = 9 + 5 by the first
+    assert _losses(out, "feedback/asked")[1] == 14 and max(_losses(out, "feedback/asked").values()) == 31
+    labels = [json.loads(x) for x in (out / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 31 and [r["query"] for r in labels] == list(range(1, 32))
+    keys = ("train/policy_loss", "reward/loss")
+    full = {k: _losses(out, k) for k in keys}
+    for step in (6, 8):
+        shutil.rmtree(out / "checkpoints" / f"step-{step:08d}")
+    (out / "checkpoints" / "latest").write_text("step-00000004\n")
+    res = _cli(*args, "--resume", cwd=tmp_path, torchrun=2)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
+    for key, values in full.items():
+        again = _losses(out, key)
+        for step in (5, 6, 7, 8):
+            if step in values:
+                assert again[step] == pytest.approx(values[step], abs=1e-6), (key, step)
+    res = _cli(*args, "--resume", cwd=tmp_path)  # one process cannot take over two ranks' picks
+    assert res.returncode != 0 and "written by 2 process(es)" in res.stderr, res.stderr[-2000:]

@@ -13,12 +13,19 @@ One update, top to bottom (the PPO update itself is `gym ppo`'s, through the sam
 5. replace the rollout's rewards by the ensemble's (scaled by their running std), then GAE and PPO.
 The schedule: `feedback.initial` labels at the first update, then the rest of `feedback.budget` spread
 until `feedback.until` of training (`constant`, or front-loaded `decay`).
+
+`feedback.mode=rate` asks for a score per segment instead of a comparison (steps 3-4: segments chosen at
+random or where the members' standardized returns spread most; regression on the standardized scores).
+
+Outputs: `agent/` (for `gym eval`), `reward_model/` (`load_reward_model`, `.score(obs, actions)`) and
+`labels.jsonl`, every answered query with its segments' raw observations, actions and true returns.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,25 +36,28 @@ from rlhfkit.config import opt, section
 from rlhfkit.errors import ConfigError
 from rlhfkit.gym.common import EnvConfig, GymEvalConfig, GymRunConfig, make_env, make_vector_env
 from rlhfkit.gym.ppo import GymPPOAlgo, NetConfig, _collect, _Run, build_agent, run_ppo_updates
-from rlhfkit.gym.reward_ensemble import RewardEnsemble, fit, pad_segments
+from rlhfkit.gym.reward_ensemble import RewardEnsemble, fit, fit_ratings, pad_segments, save_reward_model
 from rlhfkit.gym.teachers import Segment, load_teacher
-from rlhfkit.runtime.atomic import atomic_folder
-from rlhfkit.runtime.distributed import DistInfo, barrier, run_on_ranks
+from rlhfkit.runtime.atomic import atomic_folder, write_atomic
+from rlhfkit.runtime.distributed import DistInfo, all_gather_objects, barrier, run_on_ranks
 from rlhfkit.runtime.seeding import seed_everything
 
 
 @dataclass
 class FeedbackConfig:
     teacher: str = opt("oracle", "who labels: oracle (true return), app (people in a label project), or module:function")
-    teacher_options: dict = opt({}, "oracle: temperature, mistake_rate, tie_threshold, skip_below; app: project "
-                                    "(label project file or URL), timeout (s), task (shown to people)")
-    budget: int = opt(300, "comparisons in total", gt=0)
-    initial: int = opt(50, "comparisons asked at the first update, before any learning", ge=0)
+    teacher_options: dict = opt({}, "oracle: temperature, mistake_rate, tie_threshold, skip_below, rating_noise; "
+                                    "app: project (label project file or URL), timeout (s), task (shown to people), "
+                                    "clips_per_item (rate)")
+    mode: Literal["compare", "rate"] = opt("compare", "compare pairs of segments, or rate single segments "
+                                                      "(regression on the scores)")
+    budget: int = opt(300, "queries in total (comparisons, or rated segments with mode=rate)", gt=0)
+    initial: int = opt(50, "queries asked at the first update, before any learning", ge=0)
     until: float = opt(0.5, "share of training by which the budget is spent", gt=0.0, le=1.0)
     schedule: Literal["constant", "decay"] = opt("decay", "constant rate, or front-loaded (more labels early)")
     segment_len: int = opt(25, "steps per segment", gt=0)
-    selection: Literal["random", "disagreement"] = opt("disagreement", "how pairs are chosen")
-    candidates: int = opt(4, "disagreement: candidate pairs per query (x the queries asked)", gt=0)
+    selection: Literal["random", "disagreement"] = opt("disagreement", "how queries are chosen")
+    candidates: int = opt(4, "disagreement: candidate pairs (or segments) per query asked", gt=0)
 
 
 @dataclass
@@ -124,6 +134,21 @@ def _small(frame: np.ndarray, width: int = 240) -> np.ndarray:
     return np.asarray(img)
 
 
+@dataclass
+class _Label:
+    """One answered query: the features of its segment(s) (two for compare, one for rate) and the answer
+    (mu for compare, the score for rate); `record` is its labels.jsonl row."""
+
+    xs: list[torch.Tensor]
+    value: float
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _segment_record(seg: Segment) -> dict[str, Any]:
+    return {"obs": seg.obs.tolist(), "actions": seg.actions.tolist(), "true_return": seg.true_return,
+            "terminated": seg.terminated}
+
+
 class _RLHFRun(_Run):
     """`gym rlhf`'s Collector: gym ppo's environments, plus the labels, the reward ensemble and the schedule."""
 
@@ -136,6 +161,12 @@ class _RLHFRun(_Run):
             self.envs.close()
             self.envs = make_vector_env(cfg.env, render_mode="rgb_array")
         self.teacher = teacher
+        self.mode = cfg.feedback.mode
+        need = "label" if self.mode == "compare" else "rate"
+        if not hasattr(teacher, need):
+            raise ConfigError("feedback.mode", f"{self.mode} needs a teacher with {need}(); {cfg.feedback.teacher} has none")
+        if getattr(teacher, "mode", self.mode) != self.mode:
+            raise ConfigError("feedback.mode", f"{self.mode}, but the label project is a {teacher.mode} project")
         space = self.envs.single_action_space
         kind, adim = ("box", int(space.shape[0])) if self.box else ("discrete", int(space.n))
         r = cfg.reward
@@ -143,11 +174,11 @@ class _RLHFRun(_Run):
                                        use_action=r.use_action, seed=cfg.seed)
         self.optimizers = [torch.optim.AdamW(m.parameters(), lr=r.lr, weight_decay=r.weight_decay)
                            for m in self.ensemble.members]
-        self.gen = torch.Generator().manual_seed(cfg.seed + 7)
-        self.rng = np.random.default_rng(cfg.seed + 11)
-        self.labels: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (features a, features b, mu)
-        self.heldout: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-        self.asked = 0  # pairs asked so far (skips included)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 7)  # the same on every rank: identical refits
+        self.rng = np.random.default_rng([cfg.seed + 11, info.rank])  # each rank picks from its own segments
+        self.labels: list[_Label] = []
+        self.heldout: list[_Label] = []  # every k-th answer, never trained on: measures the ensemble honestly
+        self.asked = 0  # queries asked so far (skips included)
         self.update = 0
         self.updates = max(1, cfg.ppo.total_steps // self.steps_per_update)
 
@@ -172,6 +203,17 @@ class _RLHFRun(_Run):
             idx = [idx[i] for i in order]
         return [(segs[i], segs[j]) for i, j in idx]
 
+    def _singles(self, segs: list[Segment], k: int) -> list[Segment]:
+        if not segs or k <= 0:
+            return []
+        m = min(len(segs), k * (self.cfg.feedback.candidates
+                                if self.cfg.feedback.selection == "disagreement" and self.labels else 1))
+        idx = self.rng.choice(len(segs), m, replace=False).tolist()
+        if m > k:
+            spread = self.ensemble.spread(pad_segments([self._x(segs[i]) for i in idx]))
+            idx = [idx[i] for i in torch.argsort(spread, descending=True)[:k].tolist()]
+        return [segs[i] for i in idx[:k]]
+
     def _x(self, seg: Segment) -> torch.Tensor:
         return self.ensemble.features(seg.obs, seg.actions)
 
@@ -184,22 +226,12 @@ class _RLHFRun(_Run):
         def learned(trace: dict[str, Any]) -> np.ndarray:
             want = self.due(self.update) - self.asked
             if want > 0:
-                pairs = self._pairs(cut_segments(trace, self.cfg.feedback.segment_len), want)
-                answers = self.teacher.label(pairs) if pairs else []
-                self.asked += len(pairs)
-                for (a, b), mu in zip(pairs, answers):
-                    if mu is None:
-                        continue
-                    item = (self._x(a), self._x(b), float(mu))
-                    # every k-th label is held out (never trained on), to measure the ensemble honestly
-                    held = self.cfg.reward.heldout and (len(self.labels) + len(self.heldout)) % round(
-                        1 / self.cfg.reward.heldout) == 0
-                    (self.heldout if held else self.labels).append(item)
+                self._ask(cut_segments(trace, self.cfg.feedback.segment_len), want)
                 if self.labels:
                     stats["reward/loss"] = self._refit()
             stats.update(self._diagnostics(trace))
             x = self.ensemble.features(trace["obs"], trace["actions"])
-            return self.ensemble.reward(x, self.cfg.reward.normalize)
+            return self.ensemble.reward(x, self.cfg.reward.normalize, info=self.info)
 
         batch, more = _collect(self, self.agent, self.device, fast, learned=learned)
         stats.update(more)
@@ -207,22 +239,69 @@ class _RLHFRun(_Run):
         stats["feedback/asked"] = float(self.asked)
         return batch, stats
 
+    def _ask(self, segs: list[Segment], want: int) -> None:
+        """Ask the teacher `want` queries and keep the answers. Under torchrun each rank asks its share
+        from its own segments; the answers are gathered in rank order, so every rank keeps the same labels
+        and refits the same ensemble."""
+        info = self.info
+        want = want // info.world_size + (info.rank < want % info.world_size)
+        asked, mine = self._ask_local(segs, want)
+        gathered = all_gather_objects((asked, mine), info)
+        first = self.asked + 1
+        self.asked += sum(n for n, _ in gathered)  # type: ignore[misc]
+        every = round(1 / self.cfg.reward.heldout) if self.cfg.reward.heldout else 0
+        for n, (xs, value, record) in enumerate(lab for _, part in gathered for lab in part):  # type: ignore[attr-defined]
+            held = bool(every) and (len(self.labels) + len(self.heldout)) % every == 0
+            record = {"query": first + n, "update": self.update, "mode": self.mode,
+                      "split": "heldout" if held else "train", **record}
+            (self.heldout if held else self.labels).append(_Label(xs, value, record))
+
+    def _ask_local(self, segs: list[Segment], want: int) -> tuple[int, list[tuple[list[torch.Tensor], float, dict]]]:
+        """(queries asked, the answered ones as (features, answer, record)) from this rank's teacher."""
+        if self.mode == "compare":
+            queries: list[list[Segment]] = [list(p) for p in self._pairs(segs, want)]
+            answers = self.teacher.label([(a, b) for a, b in queries]) if queries else []
+        else:
+            queries = [[seg] for seg in self._singles(segs, want)]
+            answers = self.teacher.rate([q[0] for q in queries]) if queries else []
+        if len(answers) != len(queries):
+            raise ConfigError("feedback.teacher", f"{self.cfg.feedback.teacher} answered {len(answers)} of "
+                              f"{len(queries)} queries (expected one answer or None each)")
+        names = ["a", "b"] if self.mode == "compare" else ["segment"]
+        answered = []
+        for query, value in zip(queries, answers):
+            if value is not None:
+                record = {("label" if self.mode == "compare" else "score"): float(value),
+                          **{n: _segment_record(seg) for n, seg in zip(names, query)}}
+                answered.append(([self._x(seg) for seg in query], float(value), record))
+        return len(queries), answered
+
+    def _stack(self, labels: list[_Label]) -> tuple[list[Any], torch.Tensor]:
+        sides = [pad_segments([lab.xs[j] for lab in labels]) for j in range(len(labels[0].xs))]
+        return sides, torch.tensor([lab.value for lab in labels])
+
     def _refit(self) -> float:
-        a = pad_segments([x for x, _, _ in self.labels])
-        b = pad_segments([y for _, y, _ in self.labels])
-        mu = torch.tensor([m for _, _, m in self.labels])
+        sides, values = self._stack(self.labels)
         r = self.cfg.reward
-        return fit(self.ensemble, self.optimizers, a, b, mu, epochs=r.epochs, batch_size=r.batch_size,
-                   generator=self.gen)
+        if self.mode == "rate":
+            return fit_ratings(self.ensemble, self.optimizers, sides[0], values, epochs=r.epochs,
+                               batch_size=r.batch_size, generator=self.gen)
+        return fit(self.ensemble, self.optimizers, sides[0], sides[1], values, epochs=r.epochs,
+                   batch_size=r.batch_size, generator=self.gen)
+
+    def _quality(self, labels: list[_Label]) -> float:
+        sides, values = self._stack(labels)
+        if self.mode == "rate":
+            return self.ensemble.correlation(sides[0], values)
+        return self.ensemble.accuracy(sides[0], sides[1], values)
 
     def _diagnostics(self, trace: dict[str, Any]) -> dict[str, float]:
         out = {}
+        name = "accuracy" if self.mode == "compare" else "corr"  # rate: correlation with the scores
         if self.heldout:
-            a, b = pad_segments([x for x, _, _ in self.heldout]), pad_segments([y for _, y, _ in self.heldout])
-            out["reward/heldout_accuracy"] = self.ensemble.accuracy(a, b, torch.tensor([m for *_, m in self.heldout]))
+            out[f"reward/heldout_{name}"] = self._quality(self.heldout)
         if self.labels:
-            a, b = pad_segments([x for x, _, _ in self.labels]), pad_segments([y for _, y, _ in self.labels])
-            out["reward/train_accuracy"] = self.ensemble.accuracy(a, b, torch.tensor([m for *_, m in self.labels]))
+            out[f"reward/train_{name}"] = self._quality(self.labels)
         x = self.ensemble.features(trace["obs"], trace["actions"])
         learned = self.ensemble.member_rewards(x).mean(0).detach().numpy().reshape(-1)
         true = np.asarray(trace["true"]).reshape(-1)
@@ -234,24 +313,26 @@ class _RLHFRun(_Run):
     # --- checkpoints -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        def pack(items: list[tuple[torch.Tensor, torch.Tensor, float]]) -> list[Any]:
-            return [[x.tolist(), y.tolist(), m] for x, y, m in items]
+        def pack(items: list[_Label]) -> list[Any]:
+            return [[[x.tolist() for x in lab.xs], lab.value, lab.record] for lab in items]
 
         state = {**super().state_dict(), "rlhf": {
             "labels": pack(self.labels), "heldout": pack(self.heldout), "asked": self.asked, "update": self.update,
             "ensemble": _jsonable(self.ensemble.state_dict()), "rms": self.ensemble.rms.state_dict(),
             "optimizers": [_jsonable(o.state_dict()) for o in self.optimizers],
-            "gen": self.gen.get_state().tolist(), "rng": self.rng.bit_generator.state}}
-        if hasattr(self.teacher, "state_dict"):
-            state["rlhf"]["teacher"] = self.teacher.state_dict()
+            "gen": self.gen.get_state().tolist()}}
+        # what differs per rank (its pair picks, its teacher), gathered so a resumed rank gets its own
+        mine = {"rng": self.rng.bit_generator.state,
+                "teacher": self.teacher.state_dict() if hasattr(self.teacher, "state_dict") else None}
+        state["rlhf"]["ranks"] = all_gather_objects(mine, self.info)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         s = state["rlhf"]
 
-        def unpack(items: list[Any]) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-            return [(torch.tensor(x), torch.tensor(y), float(m)) for x, y, m in items]
+        def unpack(items: list[Any]) -> list[_Label]:
+            return [_Label([torch.tensor(x) for x in xs], float(v), rec) for xs, v, rec in items]
 
         self.labels, self.heldout = unpack(s["labels"]), unpack(s["heldout"])
         self.asked, self.update = s["asked"], s["update"]
@@ -260,13 +341,19 @@ class _RLHFRun(_Run):
         for o, st in zip(self.optimizers, s["optimizers"]):
             o.load_state_dict(_tensors(st))
         self.gen.set_state(torch.tensor(s["gen"], dtype=torch.uint8))
-        self.rng.bit_generator.state = s["rng"]
-        if "teacher" in s and hasattr(self.teacher, "load_state_dict"):
-            self.teacher.load_state_dict(s["teacher"])
+        ranks = s["ranks"]
+        if len(ranks) != self.info.world_size:
+            raise ConfigError("--resume", f"the checkpoint was written by {len(ranks)} process(es); resume it with "
+                              f"as many (this run has {self.info.world_size})")
+        mine = ranks[self.info.rank]
+        self.rng.bit_generator.state = mine["rng"]
+        if mine["teacher"] is not None and hasattr(self.teacher, "load_state_dict"):
+            self.teacher.load_state_dict(mine["teacher"])
 
     def describe(self, updates: int) -> str:
         fb = self.cfg.feedback
-        return (super().describe(updates) + f"; learning the reward from {fb.budget} comparisons ({fb.teacher}, "
+        what = "comparisons" if fb.mode == "compare" else "rated segments"
+        return (super().describe(updates) + f"; learning the reward from {fb.budget} {what} ({fb.teacher}, "
                 f"{fb.initial} first, segments of {fb.segment_len} steps, {fb.selection})")
 
 
@@ -295,9 +382,7 @@ def _train(cfg: GymRLHFConfig, resume: str | None, info: DistInfo) -> Path:
     torch.set_num_threads(cfg.threads)
     device = cfg.torch_device(info.local_rank)
     seed_everything(cfg.seed)
-    if info.enabled:
-        raise ConfigError("gym rlhf", "runs in one process for now (the labels and the reward ensemble live on one rank)")
-    teacher = load_teacher(cfg.feedback.teacher, dict(cfg.feedback.teacher_options), seed=cfg.seed)
+    teacher = load_teacher(cfg.feedback.teacher, dict(cfg.feedback.teacher_options), seed=cfg.seed * 1009 + info.rank)
     run = _RLHFRun(cfg, info, device, teacher)
     agent = build_agent(make_env(cfg.env), cfg.net).to(device)
     agent.context = {"env": dict(cfg.env.__dict__), "normalize_obs": cfg.ppo.normalize_obs, "clip_obs": cfg.ppo.clip_obs}
@@ -306,21 +391,16 @@ def _train(cfg: GymRLHFConfig, resume: str | None, info: DistInfo) -> Path:
     run.envs.close()
     out = session.run_dir / "agent"
     if info.is_main:
-        import json
-
         with atomic_folder(out) as tmp:
             agent.save_pretrained(str(tmp))
             (tmp / "normalizers.json").write_text(json.dumps(run.normalizer_state(), indent=2))
         with atomic_folder(session.run_dir / "reward_model") as tmp:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in run.ensemble.state_dict().items()}, str(tmp / "model.safetensors"))
-            (tmp / "reward_model.json").write_text(json.dumps({
-                "obs_dim": run.ensemble.obs_dim, "action_kind": run.ensemble.action_kind,
-                "action_dim": run.ensemble.action_dim, "members": cfg.reward.members, "hidden": cfg.reward.hidden,
-                "use_action": cfg.reward.use_action, "rms": run.ensemble.rms.state_dict(),
-                "labels": len(run.labels) + len(run.heldout)}, indent=2))
-        print(f"saved agent to {out} and the reward model to {session.run_dir / 'reward_model'}", flush=True)
+            save_reward_model(run.ensemble, tmp, mode=cfg.feedback.mode, env=cfg.env.id, normalize=cfg.reward.normalize,
+                              labels=len(run.labels) + len(run.heldout))
+        answered = sorted(run.labels + run.heldout, key=lambda lab: lab.record["query"])
+        write_atomic(session.run_dir / "labels.jsonl", "".join(json.dumps(lab.record) + "\n" for lab in answered))
+        print(f"saved agent to {out}, the reward model to {session.run_dir / 'reward_model'} and "
+              f"{len(answered)} labels to {session.run_dir / 'labels.jsonl'}", flush=True)
     barrier(info)
     return out
 

@@ -100,6 +100,15 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
     return box[0]
 
 
+def all_gather_objects(obj: object, info: DistInfo) -> list[object]:
+    """Every rank's picklable object, in rank order, on every rank (small messages only)."""
+    if not info.enabled:
+        return [obj]
+    out: list[object] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def print0(info: DistInfo, *args: object) -> None:
     if info.is_main:
         print(*args, flush=True)
