@@ -29,6 +29,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TASKS = {  # name: (config, step budget, threshold)
     "cartpole": ("gym_rlhf_cartpole.yaml", 100_000, 450.0),
     "pendulum": ("gym_rlhf_pendulum.yaml", 300_000, -300.0),
+    "acrobot": ("gym_rlhf_acrobot.yaml", 300_000, -100.0),  # judged by tip height (see the config)
 }
 
 
@@ -121,10 +122,10 @@ def imitation(tasks: list[str], seeds: list[int], venv: Path) -> None:
         tail = " ".join(got.stderr.strip().splitlines()[-2:])
         print(f"imitation: `pip install imitation` failed in {venv}, so it cannot run here: {tail}")
         return
-    envs = {"cartpole": "CartPole-v1", "pendulum": "Pendulum-v1"}
+    envs = {"cartpole": "CartPole-v1", "pendulum": "Pendulum-v1", "acrobot": "Acrobot-v1"}
     for task in tasks:
         _, steps, threshold = TASKS[task]
-        budget = 300 if task == "cartpole" else 700
+        budget = {"cartpole": 300, "pendulum": 700, "acrobot": 400}[task]
         # imitation cuts fragments only from episodes at least that long: CartPole's first (random) episodes
         # last ~22 steps, so it gets 10-step fragments there (ours keep shorter segments that ended early)
         frag = 10 if task == "cartpole" else 25
@@ -132,11 +133,19 @@ def imitation(tasks: list[str], seeds: list[int], venv: Path) -> None:
             res = subprocess.run([str(py), "-c", IMITATION, envs[task], str(budget), str(steps), str(seed), str(frag)],
                                  capture_output=True, text=True)
             if res.returncode:
-                print(f"| {task} | imitation | {budget} | {seed} | failed: {res.stderr.strip()[-300:]} |")
+                last = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+                print(f"| {task} | imitation PreferenceComparisons | {budget} | {seed} | crashed: {last[:200]} | no |",
+                      flush=True)
                 continue
             final = json.loads(res.stdout.strip().splitlines()[-1])["final_return"]
             print(f"| {task} | imitation PreferenceComparisons | {budget} | {seed} | {final:.1f} | "
                   f"{'yes' if final >= threshold else 'no'} |", flush=True)
+
+
+def _append(path: Path | None, row: dict) -> None:
+    if path is not None:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def main() -> None:
@@ -147,6 +156,7 @@ def main() -> None:
     p.add_argument("--budgets", nargs="+", type=int, default=None, help="label budgets to sweep (default: the config's)")
     p.add_argument("--ceiling", action="store_true", help="also PPO on the true reward, same settings")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    p.add_argument("--jsonl", type=Path, default=None, help="also append every result as a JSON line here")
     p.add_argument("--imitation", action="store_true", help="only imitation's PreferenceComparisons, own venv")
     p.add_argument("--imitation-venv", type=Path, default=Path(tempfile.gettempdir()) / "rlhfkit-imitation-venv")
     a = p.parse_args()
@@ -163,6 +173,7 @@ def main() -> None:
                 for seed in a.seeds:
                     r = run(task, seed, Path(tmp) / f"{task}-{budget}-{seed}", a.mistakes, budget, a.set)
                     results.append(r)
+                    _append(a.jsonl, {**r, "teacher": "oracle", "mistakes": a.mistakes, "budget": budget})
                     print(f"| {task} | {teacher} | {budget or 'config'} | {seed} | {r['asked']} | {r['labels']} | "
                           f"{r['reached_steps'] or '-'} | {r['final_return']:.1f} | {r['best_return']:.1f} | "
                           f"{r['seconds']:.0f} |", flush=True)
@@ -172,6 +183,7 @@ def main() -> None:
             if a.ceiling:
                 for seed in a.seeds:
                     r = ceiling(task, seed, Path(tmp) / f"{task}-ppo-{seed}", a.set)
+                    _append(a.jsonl, {**r, "teacher": "true reward"})
                     print(f"| {task} | PPO on the true reward | - | {seed} | - | - | {r['reached_steps'] or '-'} | "
                           f"{r['final_return']:.1f} | {r['best_return']:.1f} | {r['seconds']:.0f} |", flush=True)
 

@@ -19,10 +19,18 @@ import torch
 
 from rlhfkit.config import load_config
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.gym.reward_ensemble import (RewardEnsemble, fit, fit_ratings, load_reward_model, pad_segments,
-                                         preference_loss, rating_loss, standardize)
+from rlhfkit.gym.reward_ensemble import (
+    RewardEnsemble,
+    fit,
+    fit_ratings,
+    load_reward_model,
+    pad_segments,
+    preference_loss,
+    rating_loss,
+    standardize,
+)
 from rlhfkit.gym.rlhf import GymRLHFConfig, _RLHFRun, cut_segments, train
-from rlhfkit.gym.teachers import OracleTeacher, Segment, load_teacher
+from rlhfkit.gym.teachers import OracleTeacher, Segment, acrobot_height, load_teacher
 from rlhfkit.runtime.distributed import DistInfo
 from tests.test_sft import _cli, _losses
 
@@ -112,6 +120,24 @@ def test_the_ensemble_learns_from_scores_and_spread_ranks_where_members_disagree
     # far outside the data the members were fit on, they disagree more than on it
     far = pad_segments([x * 0 + 25.0 for x in xs[:20]])
     assert float(ens.spread(pad_segments(xs[:20] + [far.x[0]])).argmax()) == 20
+
+
+def test_an_oracle_can_judge_by_what_a_person_sees_instead_of_the_return():
+    def acrobot(angles: list[tuple[float, float]]) -> Segment:
+        obs = np.array([[math.cos(a), math.sin(a), math.cos(b), math.sin(b), 0, 0] for a, b in angles])
+        return Segment(obs, np.zeros(len(angles)), -np.ones(len(angles)), False)
+
+    hanging, swung = acrobot([(0, 0), (0.3, 0)]), acrobot([(0, 0), (math.pi, 0)])
+    assert acrobot_height(hanging) == pytest.approx(-2 * math.cos(0.3))  # both links hang: the tip at -2
+    assert acrobot_height(swung) == pytest.approx(2.0)                    # both links up: the tip at 2
+    # first link level (height 0), second turned back down from it: the tip one link below, at -1
+    assert acrobot_height(acrobot([(math.pi / 2, -math.pi / 2)])) == pytest.approx(-1.0)
+    judge = load_teacher("oracle", {"score": "rlhfkit.gym.teachers:acrobot_height"}, seed=0)
+    assert OracleTeacher().label([(hanging, swung)]) == [0.5]  # the same true return: a tie
+    assert judge.label([(hanging, swung), (swung, hanging)]) == [0.0, 1.0]
+    assert judge.rate([swung]) == [2.0]
+    with pytest.raises(ConfigError, match="cannot load 'rlhfkit.gym.teachers:nope'"):
+        load_teacher("oracle", {"score": "rlhfkit.gym.teachers:nope"}, seed=0)
 
 
 def test_the_oracle_rates_a_segment_by_its_true_return():

@@ -10,6 +10,9 @@ label app, and your own function.
   `mistake_rate` flips a share of its answers, `tie_threshold` calls returns that close equal, and
   `skip_below` skips pairs where both returns are below it. Rating, it gives the true return, plus
   Gaussian noise of std `rating_noise`, or skips a clip whose return is below `skip_below`.
+  `score: module:function` judges by function(segment) -> float instead of the true return: what a
+  person sees where the reward says nothing yet (`rlhfkit.gym.teachers:acrobot_height`: how high the
+  tip swings, for Acrobot's -1-per-step reward).
 - `app`: people, through a label project (`rlhfkit label`): each pair becomes a compare item of two
   looping GIF clips in the project's media folder; the trainer waits (printing how many labels it
   still waits for) until they are answered or `timeout` passes. A tie or "both bad" is 0.5, a skip None.
@@ -58,12 +61,14 @@ class Teacher(Protocol):
 
 class OracleTeacher:
     def __init__(self, *, temperature: float = 0.0, mistake_rate: float = 0.0, tie_threshold: float = 0.0,
-                 skip_below: float = -math.inf, rating_noise: float = 0.0, seed: int = 0) -> None:
+                 skip_below: float = -math.inf, rating_noise: float = 0.0, score: str | None = None,
+                 seed: int = 0) -> None:
         if temperature < 0 or not 0 <= mistake_rate <= 1 or tie_threshold < 0 or rating_noise < 0:
             raise ConfigError("feedback.teacher_options", "expected temperature >= 0, mistake_rate in [0, 1], "
                               "tie_threshold >= 0, rating_noise >= 0")
         self.name = "oracle"
         self.rating_noise = rating_noise
+        self.value = _import(score, "feedback.teacher_options.score") if score else (lambda seg: seg.true_return)
         self.temperature, self.mistake_rate, self.tie_threshold, self.skip_below = (
             temperature, mistake_rate, tie_threshold, skip_below)
         self.rng = np.random.default_rng(seed)
@@ -71,7 +76,7 @@ class OracleTeacher:
     def label(self, pairs: list[tuple[Segment, Segment]]) -> list[float | None]:
         out: list[float | None] = []
         for a, b in pairs:
-            r1, r2 = a.true_return, b.true_return
+            r1, r2 = self.value(a), self.value(b)
             if max(r1, r2) < self.skip_below:
                 out.append(None)
                 continue
@@ -90,7 +95,7 @@ class OracleTeacher:
     def rate(self, segments: list[Segment]) -> list[float | None]:
         out: list[float | None] = []
         for seg in segments:
-            r = seg.true_return
+            r = self.value(seg)
             if r < self.skip_below:
                 out.append(None)
                 continue
@@ -102,6 +107,21 @@ class OracleTeacher:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+def acrobot_height(seg: Segment) -> float:
+    """How high Acrobot's tip swings in a clip (its highest point, -2 hanging .. 2 upright; the goal line
+    is 1): observations are cos/sin of both joint angles, tip height = -cos(t1) - cos(t1 + t2)."""
+    c1, s1, c2, s2 = seg.obs[:, 0], seg.obs[:, 1], seg.obs[:, 2], seg.obs[:, 3]
+    return float((-c1 - (c1 * c2 - s1 * s2)).max())
+
+
+def _import(spec: str, field: str) -> Any:
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(field, f"cannot load {spec!r} (expected module:function): {exc}") from None
 
 
 PROMPT = ("Which clip shows the better behaviour? (Each clip loops: {task}.) Pick the better one, or tie / "
@@ -216,7 +236,7 @@ class AppTeacher:
 
 def load_teacher(kind: str, options: dict[str, Any], *, seed: int) -> Any:
     if kind == "oracle":
-        known = {"temperature", "mistake_rate", "tie_threshold", "skip_below", "rating_noise"}
+        known = {"temperature", "mistake_rate", "tie_threshold", "skip_below", "rating_noise", "score"}
         bad = set(options) - known
         if bad:
             raise ConfigError("feedback.teacher_options", f"unknown option {sorted(bad)[0]!r}; the oracle takes "
@@ -228,12 +248,7 @@ def load_teacher(kind: str, options: dict[str, Any], *, seed: int) -> Any:
                                                          "(a file or postgresql:// URL)")
         return AppTeacher(**options)
     if ":" in kind:
-        module, name = kind.split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError("feedback.teacher", f"cannot load {kind!r}: {exc}") from None
-        teacher = factory(options)
+        teacher = _import(kind, "feedback.teacher")(options)
         if not (hasattr(teacher, "label") or hasattr(teacher, "rate")):
             raise ConfigError("feedback.teacher", f"{kind} returned {type(teacher).__name__}, which has neither "
                               "label() nor rate()")
