@@ -357,3 +357,68 @@ def test_two_processes_share_labels_and_resume_exactly(tmp_path: Path):
                 assert again[step] == pytest.approx(values[step], abs=1e-6), (key, step)
     res = _cli(*args, "--resume", cwd=tmp_path)  # one process cannot take over two ranks' picks
     assert res.returncode != 0 and "written by 2 process(es)" in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_person_in_the_browser_labels_clips_while_the_trainer_waits(tmp_path: Path, page):
+    """The human-in-the-loop check through the real pages: a scripted person in headless Chromium
+    watches the two clips (reads their frame counts), presses 1, 2 or 3, and waits on the "nothing left"
+    page for the trainer's next clips; `gym rlhf` (in a thread) learns from those answers."""
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from rlhfkit.label.export import raw_rows
+    from rlhfkit.label.store import Store
+    from tests.label_server import LabelServer, make_project
+
+    media = tmp_path / "media"
+    media.mkdir()
+    Image.new("RGB", (8, 8)).save(media / "seed.gif")
+    project = make_project(tmp_path / "clips.db", [{"prompt": "warm-up", "responses": [{"media": "seed.gif"}, "text"]}],
+                           kind="compare", media_dir=str(media))
+    out = tmp_path / "run"
+    errors: list[BaseException] = []
+
+    def trainer() -> None:
+        try:
+            train(load_config(GymRLHFConfig, None, _args(
+                out, "ppo.total_steps=12288", "env.num_envs=4", "ppo.n_steps=128", "feedback.budget=30",
+                "feedback.initial=16", "feedback.until=0.5", "feedback.teacher=app", "eval.every=12288",
+                "eval.episodes=5", f"feedback.teacher_options={{project: {project}, timeout: 300, poll: 0.2}}",
+                "reward.epochs=20")))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    with LabelServer(project) as srv:
+        page.goto(srv.login_url(srv.add_annotator("pat")))
+        worker = threading.Thread(target=trainer, daemon=True)
+        worker.start()
+        pressed = 0
+        deadline = time.monotonic() + 600
+        while worker.is_alive() and time.monotonic() < deadline:
+            if page.locator("h1", has_text="Nothing left for you").count():
+                page.wait_for_timeout(300)
+                page.reload()
+                continue
+            prompt = page.inner_text(".prompt")
+            clips = page.locator(".candidate img.clip")
+            frames = []
+            for i in range(clips.count()):
+                body = page.request.get(clips.nth(i).evaluate("img => img.src")).body()
+                frames.append(Image.open(io.BytesIO(body)).n_frames)
+            if len(frames) < 2:  # the warm-up item (a clip beside a text): skip it
+                page.keyboard.press("s")
+            else:
+                page.keyboard.press("1" if frames[0] > frames[1] else "2" if frames[1] > frames[0] else "3")
+                pressed += 1
+            expect(page.locator(".prompt, h1")).not_to_have_text(prompt, timeout=10_000)
+        worker.join(timeout=60)
+    assert not errors, errors
+    assert not worker.is_alive()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    store = Store.open(project)
+    labels = [r for r in raw_rows(store) if r["item"].startswith("rlhf-")]
+    store.close()
+    assert len(labels) == pressed == max(r.get("feedback/labels", 0) for r in rows) == 30
+    evals = [r["eval/return"] for r in rows if "eval/return" in r]
+    assert evals[-1] > 25, evals  # above a random policy (~22)
