@@ -46,7 +46,8 @@ from rlhfkit.runtime.seeding import seed_everything
 @dataclass
 class FeedbackConfig:
     teacher: str = opt("oracle", "who labels: oracle (true return), app (people in a label project), or module:function")
-    teacher_options: dict = opt({}, "oracle: temperature, mistake_rate, tie_threshold, skip_below, rating_noise; "
+    teacher_options: dict = opt({}, "oracle: temperature, mistake_rate, tie_threshold, skip_below, rating_noise, "
+                                    "score (module:function judging a segment instead of its true return); "
                                     "app: project (label project file or URL), timeout (s), task (shown to people), "
                                     "clips_per_item (rate)")
     mode: Literal["compare", "rate"] = opt("compare", "compare pairs of segments, or rate single segments "
