@@ -422,3 +422,27 @@ def test_a_person_in_the_browser_labels_clips_while_the_trainer_waits(tmp_path: 
     assert len(labels) == pressed == max(r.get("feedback/labels", 0) for r in rows) == 30
     evals = [r["eval/return"] for r in rows if "eval/return" in r]
     assert evals[-1] > 25, evals  # above a random policy (~22)
+
+
+def test_a_mode_the_teacher_or_project_cannot_answer_is_refused(tmp_path: Path):
+    from tests.label_server import make_project
+
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a.gif").write_bytes(b"GIF89a")
+    project = make_project(tmp_path / "p.db", [{"prompt": "p", "responses": [{"media": "a.gif"}, "b"]}],
+                           kind="compare", media_dir=str(media))
+    cfg = load_config(GymRLHFConfig, None, _args(tmp_path / "run", "feedback.mode=rate"))
+    teacher = load_teacher("app", {"project": project}, seed=0)
+    with pytest.raises(ConfigError, match="rate, but the label project is a compare project"):
+        _RLHFRun(cfg, DistInfo(), torch.device("cpu"), teacher)
+
+    class OnlyCompares:
+        def label(self, pairs):
+            return [1.0] * len(pairs)
+
+    with pytest.raises(ConfigError, match="rate needs a teacher with rate()"):
+        _RLHFRun(cfg, DistInfo(), torch.device("cpu"), OnlyCompares())
+    with pytest.raises(ConfigError, match="expected a compare or rate project"):
+        load_teacher("app", {"project": make_project(tmp_path / "t.db", [{"prompt": "p", "responses": ["a", "b"]}],
+                                                     kind="compare")}, seed=0)

@@ -156,18 +156,18 @@ class _RLHFRun(_Run):
     section = "ppo"
 
     def __init__(self, cfg: GymRLHFConfig, info: DistInfo, device: torch.device, teacher: Any):
-        super().__init__(cfg, info, device)  # type: ignore[arg-type]
-        self.render = getattr(teacher, "name", "") == "app"
-        if self.render:
-            self.envs.close()
-            self.envs = make_vector_env(cfg.env, render_mode="rgb_array")
-        self.teacher = teacher
         self.mode = cfg.feedback.mode
         need = "label" if self.mode == "compare" else "rate"
         if not hasattr(teacher, need):
             raise ConfigError("feedback.mode", f"{self.mode} needs a teacher with {need}(); {cfg.feedback.teacher} has none")
         if getattr(teacher, "mode", self.mode) != self.mode:
             raise ConfigError("feedback.mode", f"{self.mode}, but the label project is a {teacher.mode} project")
+        super().__init__(cfg, info, device)  # type: ignore[arg-type]
+        self.render = getattr(teacher, "name", "") == "app"
+        if self.render:
+            self.envs.close()
+            self.envs = make_vector_env(cfg.env, render_mode="rgb_array")
+        self.teacher = teacher
         space = self.envs.single_action_space
         kind, adim = ("box", int(space.shape[0])) if self.box else ("discrete", int(space.n))
         r = cfg.reward
