@@ -20,6 +20,15 @@ from rlhfkit.runtime.distributed import DistInfo
 from tests.test_sft import _cli, _losses
 
 
+def rewind(out: Path, to_step: int, drop: tuple[int, ...]) -> None:
+    """Make checkpoint `to_step` the latest and delete the later ones, as if the run had stopped there."""
+    import shutil
+
+    for step in drop:
+        shutil.rmtree(out / "checkpoints" / f"step-{step:08d}")
+    (out / "checkpoints" / "latest").write_text(f"step-{to_step:08d}\n")
+
+
 class CounterEnv(gym.Env):
     """obs = [steps taken in this episode]; reward 1 per step; terminates when it reaches `end` (if set)."""
 
@@ -149,11 +158,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
                  "eval.every=0", "eval.episodes=1")
     train(load_config(GymPPOConfig, None, args))
     full = {k: _losses(out, k) for k in ("train/policy_loss", "train/value_loss", "train/entropy")}
-    import shutil
-
-    for step in (4, 6):
-        shutil.rmtree(out / "checkpoints" / f"step-{step:08d}")
-    (out / "checkpoints" / "latest").write_text("step-00000002\n")
+    rewind(out, 2, drop=(4, 6))
     res = _cli("gym", "ppo", *args, "--resume", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     for key, values in full.items():
@@ -200,11 +205,7 @@ def test_two_process_resume_continues_exactly(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
     keys = ("train/policy_loss", "train/value_loss", "train/grad_norm")
     full = {k: _losses(out, k) for k in keys}
-    import shutil
-
-    for step in (4, 6):
-        shutil.rmtree(out / "checkpoints" / f"step-{step:08d}")
-    (out / "checkpoints" / "latest").write_text("step-00000002\n")
+    rewind(out, 2, drop=(4, 6))
     res = _cli(*args, "--resume", cwd=tmp_path, torchrun=2)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
     for key, values in full.items():

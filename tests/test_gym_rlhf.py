@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import shutil
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ from rlhfkit.gym.reward_ensemble import (
 from rlhfkit.gym.rlhf import GymRLHFConfig, _RLHFRun, cut_segments, train
 from rlhfkit.gym.teachers import OracleTeacher, Segment, acrobot_height, load_teacher
 from rlhfkit.runtime.distributed import DistInfo
+from tests.test_gym_ppo import rewind
 from tests.test_sft import _cli, _losses
 
 
@@ -239,9 +239,7 @@ def test_resume_continues_exactly_with_labels_ensemble_and_schedule(tmp_path: Pa
     train(load_config(GymRLHFConfig, None, args))
     keys = ("train/policy_loss", "train/value_loss", "reward/loss")
     full = {k: _losses(out, k) for k in keys}
-    for step in (4, 6):
-        shutil.rmtree(out / "checkpoints" / f"step-{step:08d}")
-    (out / "checkpoints" / "latest").write_text("step-00000002\n")
+    rewind(out, 2, drop=(4, 6))
     res = _cli("gym", "rlhf", *args, "--resume", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     for key, values in full.items():
@@ -345,9 +343,7 @@ def test_two_processes_share_labels_and_resume_exactly(tmp_path: Path):
     assert len(labels) == 31 and [r["query"] for r in labels] == list(range(1, 32))
     keys = ("train/policy_loss", "reward/loss")
     full = {k: _losses(out, k) for k in keys}
-    for step in (6, 8):
-        shutil.rmtree(out / "checkpoints" / f"step-{step:08d}")
-    (out / "checkpoints" / "latest").write_text("step-00000004\n")
+    rewind(out, 4, drop=(6, 8))
     res = _cli(*args, "--resume", cwd=tmp_path, torchrun=2)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
     for key, values in full.items():

@@ -29,7 +29,7 @@ def agent_class(kind: str, path: Path) -> type[SavableAgent]:
     return getattr(importlib.import_module(module), name)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -47,7 +47,7 @@ def load_agent(folder: str | Path) -> tuple[SavableAgent, dict[str, Any], dict[s
     if not spec_path.is_file():
         raise RlhfkitError(f"{folder}: no agent.json; expected the agent/ folder of an `rlhfkit gym` run "
                            "or one of its checkpoints/step-N folders")
-    spec = _read_json(spec_path)
+    spec = read_json(spec_path)
     agent = agent_class(spec.get("type", ""), spec_path)
     try:
         model = agent.from_spec(spec)
@@ -65,9 +65,9 @@ def load_agent(folder: str | Path) -> tuple[SavableAgent, dict[str, Any], dict[s
         raise RlhfkitError(f"{model_dir / 'model.safetensors'}: cannot load the weights: {exc}") from None
     norms = None
     if (model_dir / "normalizers.json").is_file():
-        norms = _read_json(model_dir / "normalizers.json")
+        norms = read_json(model_dir / "normalizers.json")
     elif (folder / "state.json").is_file():
-        norms = _read_json(folder / "state.json").get("normalizers")
+        norms = read_json(folder / "state.json").get("normalizers")
     return model.eval(), spec, norms
 
 

@@ -34,7 +34,6 @@ Exact resume: as in `ppo.py`, every environment restarts its episodes at each ch
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from rlhfkit.gym.common import (
 )
 from rlhfkit.gym.ppo import Batch, PPOUpdateConfig, run_ppo_updates
 from rlhfkit.losses.ppo import explained_variance
+from rlhfkit.plugins import load_object
 from rlhfkit.rl.advantages import bootstrap_next_values, gae
 from rlhfkit.runtime.atomic import atomic_folder
 from rlhfkit.runtime.distributed import DistInfo, barrier, broadcast_object, run_on_ranks
@@ -125,13 +125,9 @@ def make_parallel_env(cfg: ParallelEnvConfig) -> Any:
     module_name, _, fn_name = cfg.id.partition(":")
     if not module_name or not fn_name:
         raise ConfigError("env.id", f"expected 'module:function' (e.g. mpe2.simple_spread_v3:parallel_env), got '{cfg.id}'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError("env.id", f"cannot import module '{module_name}' of '{cfg.id}': {exc}") from None
-    fn = getattr(module, fn_name, None)
+    fn = load_object(cfg.id, "env.id")
     if not callable(fn):
-        raise ConfigError("env.id", f"module '{module_name}' has no function '{fn_name}'")
+        raise ConfigError("env.id", f"'{cfg.id}' is not a function")
     try:
         env = fn(**dict(cfg.kwargs))
     except TypeError as exc:

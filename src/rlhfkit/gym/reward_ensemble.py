@@ -24,9 +24,7 @@ z = (s - mean(s)) / std(s), up to a constant (a score's zero point is arbitrary,
 
 Without the free constant, centered targets would force segment sums of opposite sign for short and long
 segments of the same states (a CartPole clip that ended early must score lower; with a constant it
-simply sums fewer positive steps).
-
-and disagreement is the members' spread (std) of R_k(sigma).
+simply sums fewer positive steps). Disagreement is then the members' spread (std) of R_k(sigma).
 
 Segments may differ in length (an episode that terminated inside one is shorter): sums run over the
 real steps only (`mask`).
@@ -47,6 +45,7 @@ import numpy as np
 import torch
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.gym.agents import read_json
 from rlhfkit.gym.common import RunningMeanStd, mlp
 
 
@@ -255,10 +254,7 @@ def load_reward_model(folder: str | Path) -> RewardEnsemble:
     path = folder / SPEC
     if not path.is_file():
         raise RlhfkitError(f"{folder}: no {SPEC}; expected the reward_model/ folder of an `rlhfkit gym rlhf` run")
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RlhfkitError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    spec = read_json(path)
     try:
         ensemble = RewardEnsemble(int(spec["obs_dim"]), str(spec["action_kind"]), int(spec["action_dim"]),
                                   members=int(spec["members"]), hidden=[int(h) for h in spec["hidden"]],

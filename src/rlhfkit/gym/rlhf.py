@@ -15,7 +15,7 @@ The schedule: `feedback.initial` labels at the first update, then the rest of `f
 until `feedback.until` of training (`constant`, or front-loaded `decay`).
 
 `feedback.mode=rate` asks for a score per segment instead of a comparison (steps 3-4: segments chosen at
-random or where the members' standardized returns spread most; regression on the standardized scores).
+random or where the members' predicted returns spread most; regression on the standardized scores).
 
 Outputs: `agent/` (for `gym eval`), `reward_model/` (`load_reward_model`, `.score(obs, actions)`) and
 `labels.jsonl`, every answered query with its segments' raw observations, actions and true returns.

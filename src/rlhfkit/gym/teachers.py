@@ -18,12 +18,11 @@ label app, and your own function.
   still waits for) until they are answered or `timeout` passes. A tie or "both bad" is 0.5, a skip None.
   With a `rate` project, up to `clips_per_item` clips make one item and each gets a score on the
   project's scale (the mean over its criteria).
-- `module:function`: `function(options) -> object with .label(pairs)`.
+- `module:function`: `function(options) -> object with .label(pairs)` and/or `.rate(segments)`.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from rlhfkit.errors import ConfigError
+from rlhfkit.plugins import load_object
 
 
 @dataclass
@@ -68,7 +68,7 @@ class OracleTeacher:
                               "tie_threshold >= 0, rating_noise >= 0")
         self.name = "oracle"
         self.rating_noise = rating_noise
-        self.value = _import(score, "feedback.teacher_options.score") if score else (lambda seg: seg.true_return)
+        self.value = load_object(score, "feedback.teacher_options.score") if score else (lambda seg: seg.true_return)
         self.temperature, self.mistake_rate, self.tie_threshold, self.skip_below = (
             temperature, mistake_rate, tie_threshold, skip_below)
         self.rng = np.random.default_rng(seed)
@@ -114,14 +114,6 @@ def acrobot_height(seg: Segment) -> float:
     is 1): observations are cos/sin of both joint angles, tip height = -cos(t1) - cos(t1 + t2)."""
     c1, s1, c2, s2 = seg.obs[:, 0], seg.obs[:, 1], seg.obs[:, 2], seg.obs[:, 3]
     return float((-c1 - (c1 * c2 - s1 * s2)).max())
-
-
-def _import(spec: str, field: str) -> Any:
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(field, f"cannot load {spec!r} (expected module:function): {exc}") from None
 
 
 PROMPT = ("Which clip shows the better behaviour? (Each clip loops: {task}.) Pick the better one, or tie / "
@@ -248,7 +240,7 @@ def load_teacher(kind: str, options: dict[str, Any], *, seed: int) -> Any:
                                                          "(a file or postgresql:// URL)")
         return AppTeacher(**options)
     if ":" in kind:
-        teacher = _import(kind, "feedback.teacher")(options)
+        teacher = load_object(kind, "feedback.teacher")(options)
         if not (hasattr(teacher, "label") or hasattr(teacher, "rate")):
             raise ConfigError("feedback.teacher", f"{kind} returned {type(teacher).__name__}, which has neither "
                               "label() nor rate()")
