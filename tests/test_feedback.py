@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhfkit.data.formats import validate_rows
 from rlhfkit.data.sources import bundled_dataset_path, load_rows
@@ -325,3 +326,66 @@ def test_bundled_review_prompts():
         topic = _topic(p)
         assert topic not in train_topics, p
         assert all(len(topic & t) / len(topic | t) < 0.5 for t in train_topics), p
+
+
+def test_the_demo_prompt_sets_share_no_subject():
+    """reviews_train / reviews_val / reviews_heldout: valid prompt rows, no duplicates, no sentiment cue in
+    the prompt, and no subject in two sets (the held-out score measures generalization, not recall)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_review_prompts",
+                                                  Path(__file__).parent.parent / "scripts" / "make_review_prompts.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)  # type: ignore[union-attr]
+    subject_of = {}
+    for subject in gen.subjects(gen.SUBJECTS) + gen.subjects(gen.HELDOUT_SUBJECTS):
+        for template in gen.TEMPLATES:
+            subject_of[template.format(s=subject)] = subject
+    seen: dict[str, str] = {}
+    for name, size in (("reviews_train", 396), ("reviews_val", 66), ("reviews_heldout", 120)):
+        samples, problems = validate_rows(load_rows(f"bundled:{name}"), "prompt")
+        assert problems == [] and len(samples) == size
+        prompts = [s.prompt for s in samples]
+        assert len(set(prompts)) == size
+        for p in prompts:
+            assert not re.search(r"positive|negative|good|bad|favou?rite|love|hate|best|worst", p, re.I), p
+            subject = subject_of[p]  # every prompt is a template filled with a subject
+            assert seen.setdefault(subject, name) == name, f"{subject!r} is in {seen[subject]} and {name}"
+
+
+def test_a_cut_off_answer_is_trimmed_to_its_last_complete_sentence():
+    from rlhfkit.feedback.pairs import last_sentence
+
+    assert last_sentence("It was great. The staff were") == "It was great."
+    assert last_sentence("Wow! Really? Yes") == "Wow! Really?"
+    assert last_sentence('He said "fine." Then') == 'He said "fine."'
+    assert last_sentence("3.5 stars, would go") == ""  # a decimal point ends no sentence
+    assert last_sentence("no sentence ends here") == ""
+
+
+def test_unfinished_answers_are_kept_dropped_or_trimmed(monkeypatch):
+    import rlhfkit.feedback.pairs as pairs
+
+    # two answers per prompt: one ended with EOS, one cut off by the budget after a full sentence
+    def fake_generate_text(model, tokenizer, slots, **kwargs):
+        return [("Done and ended.", 4, True) if i % 2 == 0 else ("Full sentence. Then cut", 8, False)
+                for i in range(len(slots))]
+
+    monkeypatch.setattr(pairs, "generate_text", fake_generate_text)
+    monkeypatch.setattr(pairs, "tokenize_prompt", lambda sample, tokenizer: [1, 2])
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def run(mode):
+        return pairs.generate_pairs(M(), None, ["p"], samples_per_prompt=2, unfinished=mode)[0]
+
+    assert run("keep").completions == ["Done and ended.", "Full sentence. Then cut"]
+    dropped = run("drop")
+    assert dropped.completions == ["Done and ended."] and dropped.unfinished == 1
+    trimmed = run("trim")
+    assert trimmed.completions == ["Done and ended.", "Full sentence."] and trimmed.trimmed == 1
+    with pytest.raises(ConfigError, match="unfinished"):
+        pairs.simulate_feedback("tiny:llama", "bundled:review_prompts", "/tmp/x.jsonl", unfinished="cut")

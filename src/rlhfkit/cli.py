@@ -140,6 +140,103 @@ def gym_eval(
                f"(min {m['eval/min_return']:.2f}, mean length {m['eval/length']:.1f})" + (f"; GIF: {gif}" if gif else ""))
 
 
+@app.command("eval")
+def eval_command(
+    model: Optional[list[str]] = typer.Option(None, "--model", help="Tuned model (folder or spec); repeat for several, "
+                                              "NAME=SPEC to name one in the report."),
+    base: str = typer.Option("", "--base", help="The starting model the tuned ones are compared with."),
+    prompts: str = typer.Option("bundled:reviews_heldout", "--prompts", help="Held-out prompt rows (file or bundled:NAME)."),
+    scorers: str = typer.Option("sentiment", "--scorers", help="Comma-separated: sentiment, length, a reward model "
+                                "folder, module:function."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder for report.html, summary.json, answers.jsonl."),
+    runs: Optional[list[str]] = typer.Option(None, "--runs", help="Run folders whose metrics.jsonl to plot as learning "
+                                             "curves (`--runs runs/demo/*`)."),
+    agents: Optional[list[str]] = typer.Option(None, "--agents", help="Control-task run folders to compare instead "
+                                               "(`--agents runs/a runs/b`): returns per seed and across seeds."),
+    max_prompts: int = typer.Option(0, "--max-prompts", min=0, help="0 = all prompts."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+    samples: int = typer.Option(2, "--samples", min=0, help="Sampled answers per prompt besides the greedy one."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device"),
+    episodes: int = typer.Option(20, "--episodes", min=1, help="--agents: evaluation episodes per run."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="--agents: return that counts as solved "
+                                              "(default: each run's eval.target_return)."),
+) -> None:
+    """Before/after report: scores with intervals, win rate over the base, KL, length, diversity, length bias,
+    answers side by side and learning curves (report.html, summary.json). With --agents: control runs."""
+    from rlhfkit.evaluate.commands import eval_agents, eval_lm
+
+    if agents:
+        if model or base:
+            raise RlhfkitError("--agents compares control-task runs; leave out --model and --base")
+        eval_agents(list(agents), output, episodes=episodes, seed=seed, threshold=threshold)
+        return
+    if not model or not base:
+        raise RlhfkitError("give the tuned model(s) with --model and the starting model with --base "
+                           "(or control-task runs with --agents)")
+    settings = [f"prompts={prompts}", f"max_prompts={max_prompts}", f"max_new_tokens={max_new_tokens}",
+                f"samples={samples}", f"temperature={temperature}", f"seed={seed}", f"batch_size={batch_size}",
+                f"device={device}"]
+    eval_lm(base, list(model), [s.strip() for s in scorers.split(",") if s.strip()], output, settings,
+            runs=list(runs or []))
+
+
+@app.command("compress")
+def compress_command(
+    model: str = typer.Option(..., "--model", help="Model folder (a run's model/, LoRA adapter or full) or spec."),
+    to: str = typer.Option("", "--to", help="merged, int8, gguf-f16 or gguf-q8_0 (a LoRA adapter is merged first)."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="Only merge the LoRA adapter (same as --to merged)."),
+    no_merge_lora: bool = typer.Option(False, "--no-merge-lora", help="Refuse an adapter instead of merging it."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder to write (must not exist, or --overwrite)."),
+    reference: str = typer.Option("bundled:instructions", "--reference", help="Texts for the perplexity before/after."),
+    max_reference: int = typer.Option(32, "--max-reference", min=1),
+    speed_prompts: int = typer.Option(4, "--speed-prompts", min=0, help="Prompts in the tokens/s batch; 0 = skip."),
+    speed_new_tokens: int = typer.Option(16, "--speed-new-tokens", min=1),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Make a tuned model small: merge LoRA, int8 weights (torchao), or GGUF; size, CPU speed and quality
+    before/after, checked by loading the result back."""
+    from rlhfkit.compress import compress_model, format_table
+
+    if merge_lora and to and to != "merged":
+        raise RlhfkitError(f"--merge-lora merges only; with --to {to} the adapter is merged anyway, leave it out")
+    fmt = to or ("merged" if merge_lora else "")
+    if not fmt:
+        raise RlhfkitError("--to: expected merged, int8, gguf-f16 or gguf-q8_0 (or --merge-lora)")
+    result = compress_model(model, fmt, output, merge_lora=not no_merge_lora, reference=reference,
+                            max_reference=max_reference, speed_prompts=speed_prompts, speed_new_tokens=speed_new_tokens,
+                            overwrite=overwrite)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {output}")
+
+
+@app.command("pipeline", context_settings=RECIPE_CONTEXT)
+def pipeline_command(
+    ctx: typer.Context,
+    config: Optional[Path] = CONFIG_OPT,
+    print_config: bool = PRINT_OPT,
+    resume: Optional[str] = RESUME_OPT,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, inputs, outputs, what is skipped) "
+                                 "and exit."),
+) -> None:
+    """One config from a base model to a tuned, evaluated, compressed model: sft -> feedback -> reward ->
+    dpo/ppo -> eval -> compress, in rounds; finished stages with the same inputs are skipped, `--resume`
+    continues an interrupted one from its checkpoint."""
+    from rlhfkit.pipeline.config import PipelineConfig
+    from rlhfkit.pipeline.run import run_pipeline
+
+    _reject_unknown_options(ctx)
+    if print_config:
+        _load(PipelineConfig, config, list(ctx.args), True)
+    if resume not in (None, "latest"):
+        raise RlhfkitError("pipeline --resume takes no value: each stage continues from its own latest checkpoint")
+    result = run_pipeline(config, list(ctx.args), resume=resume is not None, dry_run=dry_run)
+    if not dry_run and result.get("report"):
+        typer.echo(f"report: {Path(result['report']).resolve()}")
+
+
 @app.command("reward-score", hidden=True)
 def reward_score(
     model: str = typer.Option(..., "--model", help="Reward model folder (output of rlhfkit reward)."),
@@ -166,6 +263,9 @@ def feedback_simulate(
     temperature: float = typer.Option(1.0, "--temperature", min=0.0),
     seed: int = typer.Option(0, "--seed"),
     max_prompts: int = typer.Option(0, "--max-prompts", min=0, help="0 = all prompts."),
+    pairing: str = typer.Option("best_worst", "--pairing", help="best_worst (one pair per prompt) or all pairs."),
+    unfinished: str = typer.Option("keep", "--unfinished", help="Answers cut off by the token budget: keep, drop, or "
+                                   "trim to the last complete sentence."),
 ) -> None:
     """Sample answers, label them with a simulated annotator, and write a preference file."""
     from rlhfkit.feedback import simulate_feedback
@@ -174,7 +274,8 @@ def feedback_simulate(
         raise RlhfkitError("--temperature: expected a value > 0 (candidates are sampled, not greedy)")
 
     stats = simulate_feedback(model, prompts, output, annotator=annotator, samples_per_prompt=samples_per_prompt,
-                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, max_prompts=max_prompts)
+                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, max_prompts=max_prompts,
+                              pairing=pairing, unfinished=unfinished)
     typer.echo(f"wrote {output}: " + ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list))))
 
 
@@ -379,6 +480,22 @@ def label_export(
     typer.echo(f"wrote {output}: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
 
 
+def _expand_lists(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """`--runs a b c` -> `--runs a --runs b --runs c` (what a shell glob gives), for list options."""
+    out: list[str] = []
+    current = None
+    for arg in argv:
+        if arg in options:
+            current = arg
+            continue
+        if arg.startswith("-"):
+            current = None
+        elif current is not None:
+            out.append(current)
+        out.append(arg)
+    return out
+
+
 def _normalize_resume(argv: list[str]) -> list[str]:
     """Let `--resume` stand alone (meaning latest): typer options always want a value.
 
@@ -387,6 +504,8 @@ def _normalize_resume(argv: list[str]) -> list[str]:
     """
     if argv[:2] == ["reward", "score"]:
         argv = ["reward-score", *argv[2:]]
+    if argv[:1] == ["eval"]:
+        argv = _expand_lists(argv, ("--runs", "--agents"))
     out = []
     for i, arg in enumerate(argv):
         out.append(arg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,11 @@ class Candidates:
     """Answers dropped because an earlier answer to the same prompt was identical."""
     empty: int = 0
     """Answers dropped because they were empty (e.g. EOS as the first token)."""
+    unfinished: int = 0
+    """Answers that hit the token budget before EOS and were dropped (unfinished="drop", or "trim" when no
+    sentence of them was complete)."""
+    trimmed: int = 0
+    """Answers that hit the budget and were cut back to their last complete sentence (unfinished="trim")."""
 
 
 @dataclass
@@ -52,6 +58,18 @@ class LabelStats:
     """Prompts left with fewer than 2 distinct non-empty answers (no row)."""
     duplicates: int = 0
     empty: int = 0
+    unfinished: int = 0
+    trimmed: int = 0
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+
+
+def last_sentence(text: str) -> str:
+    """`text` up to the end of its last complete sentence ('.', '!' or '?', closing quotes or brackets
+    kept), or "" when no sentence ends in it."""
+    ends = list(_SENTENCE_END.finditer(text))
+    return text[: ends[-1].end()].strip() if ends else ""
 
 
 def prompt_text(prompt: Text) -> str:
@@ -77,8 +95,15 @@ def generate_pairs(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 8,
+    unfinished: str = "keep",
 ) -> list[Candidates]:
     """Sample `samples_per_prompt` answers per prompt; drop exact duplicates and empty answers.
+
+    `unfinished` says what happens to an answer that hit `max_new_tokens` before EOS: `keep` it as it is,
+    `drop` it, or `trim` it to its last complete sentence (dropped when it has none). A cut-off text is
+    not an answer: a judge who prefers more of something prefers the longer cut-off one, and a policy
+    trained on such pairs learns to stop ending its answers. Trimmed, it is a complete answer that a
+    person could judge, and its pair teaches the policy to end.
 
     Batches hold consecutive (prompt, sample) slots, k copies of each prompt in a row. Torch is seeded
     with `seed + batch index` before each batch, inside `fork_rng` so the caller's RNG is left untouched:
@@ -107,21 +132,28 @@ def generate_pairs(
                 model, tokenizer, slots[start : start + batch_size], max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, batch_size=batch_size,
             )
-        answers.extend(text for text, _, _ in out)
+        answers.extend((text, ended) for text, _, ended in out)
 
     candidates = []
     for i, prompt in enumerate(prompts):
         group = answers[i * samples_per_prompt : (i + 1) * samples_per_prompt]
         kept: list[str] = []
-        empty = duplicates = 0
-        for text in group:
+        empty = duplicates = dropped = trimmed = 0
+        for text, ended in group:
+            if text.strip() and not ended and unfinished != "keep":
+                cut = last_sentence(text) if unfinished == "trim" else ""
+                if not cut:
+                    dropped += 1
+                    continue
+                text, trimmed = cut, trimmed + 1
             if not text.strip():
                 empty += 1
             elif text in kept:
                 duplicates += 1
             else:
                 kept.append(text)
-        candidates.append(Candidates(prompt, kept, duplicates=duplicates, empty=empty))
+        candidates.append(Candidates(prompt, kept, duplicates=duplicates, empty=empty, unfinished=dropped,
+                                     trimmed=trimmed))
     return candidates
 
 
@@ -129,21 +161,26 @@ def generate_pairs(
 # Labeling
 
 
-def label_pairs(candidates: list[Candidates], annotator: Annotator) -> tuple[list[dict[str, Any]], LabelStats]:
-    """One preference row per prompt; ties and prompts with < 2 answers give none (and are counted).
+def label_pairs(candidates: list[Candidates], annotator: Annotator,
+                pairing: str = "best_worst") -> tuple[list[dict[str, Any]], LabelStats]:
+    """Preference rows from each prompt's answers; ties and prompts with < 2 answers give none (counted).
 
-    Score-based annotators compare the best against the worst answer by score (the widest gap, so the
-    clearest signal); pure comparators compare the first two answers.
+    pairing="best_worst" (one row per prompt): score-based annotators compare the best against the worst
+    answer by score (the widest gap, so the clearest signal); pure comparators compare the first two.
+    pairing="all": every pair of a prompt's answers is put to the annotator (k answers, up to k(k-1)/2
+    rows; an annotator's `min_gap` turns the closest pairs into ties). More rows from the same sampling
+    cost, and pairs of every difficulty, not only the easiest one.
     """
+    if pairing not in ("best_worst", "all"):
+        raise ConfigError("pairing", f"expected best_worst or all, got {pairing!r}")
+    if pairing == "all":
+        return _label_all_pairs(candidates, annotator)
     stats = LabelStats(prompts=len(candidates))
     rows: list[dict[str, Any]] = []
     scored = is_score_based(annotator)
     for cand in candidates:
-        stats.duplicates += cand.duplicates
-        stats.empty += cand.empty
         answers = cand.completions
-        if len(answers) < 2:
-            stats.too_few += 1
+        if not _count(stats, cand):
             continue
         text = prompt_text(cand.prompt)
         scores: list[float] | None = None
@@ -168,16 +205,63 @@ def label_pairs(candidates: list[Candidates], annotator: Annotator) -> tuple[lis
             stats.ties += 1
             continue
         chosen, rejected = (pair[0], pair[1]) if choice == 0 else (pair[1], pair[0])
-        # After a message-list prompt the answers are assistant messages: the pair tokenizer wants prompt
-        # and answers both text or both messages.
-        reply = (lambda text: [{"role": "assistant", "content": text}]) if isinstance(cand.prompt, list) else str
-        row: dict[str, Any] = {"prompt": cand.prompt, "chosen": reply(answers[chosen]),
-                               "rejected": reply(answers[rejected])}
-        if scores is not None:
-            row["chosen_score"] = scores[chosen]
-            row["rejected_score"] = scores[rejected]
-        row["annotator"] = annotator.name
-        rows.append(row)
+        rows.append(_row(cand, answers[chosen], answers[rejected],
+                         None if scores is None else (scores[chosen], scores[rejected]), annotator.name))
+    stats.pairs = len(rows)
+    return rows, stats
+
+
+def _row(cand: Candidates, chosen: str, rejected: str, scores: tuple[float, float] | None, name: str) -> dict[str, Any]:
+    # After a message-list prompt the answers are assistant messages: the pair tokenizer wants prompt
+    # and answers both text or both messages.
+    reply = (lambda text: [{"role": "assistant", "content": text}]) if isinstance(cand.prompt, list) else str
+    row: dict[str, Any] = {"prompt": cand.prompt, "chosen": reply(chosen), "rejected": reply(rejected)}
+    if scores is not None:
+        row["chosen_score"], row["rejected_score"] = scores
+    row["annotator"] = name
+    return row
+
+
+def _count(stats: LabelStats, cand: Candidates) -> bool:
+    """Add a prompt's dropped answers to `stats`; False (and counted) when fewer than 2 answers are left."""
+    stats.duplicates += cand.duplicates
+    stats.empty += cand.empty
+    stats.unfinished += cand.unfinished
+    stats.trimmed += cand.trimmed
+    if len(cand.completions) < 2:
+        stats.too_few += 1
+        return False
+    return True
+
+
+def _label_all_pairs(candidates: list[Candidates], annotator: Annotator) -> tuple[list[dict[str, Any]], LabelStats]:
+    stats = LabelStats(prompts=len(candidates))
+    rows: list[dict[str, Any]] = []
+    scored = is_score_based(annotator)
+    decide = getattr(annotator, "prefer_scores", None)
+    for cand in candidates:
+        answers = cand.completions
+        if not _count(stats, cand):
+            continue
+        text = prompt_text(cand.prompt)
+        scores = [_checked_score(annotator, text, a) for a in answers] if scored else None
+        kept = 0
+        for i in range(len(answers)):
+            for j in range(i + 1, len(answers)):
+                if scores is not None and callable(decide):
+                    choice = decide(scores[i], scores[j])
+                else:
+                    choice = annotator.prefer(text, answers[i], answers[j])
+                if choice not in (0, 1, TIE):
+                    raise RlhfkitError(f"annotator '{annotator.name}' returned {choice!r} from prefer(); expected 0, 1 or -1")
+                if choice == TIE:
+                    continue
+                c, r = (i, j) if choice == 0 else (j, i)
+                rows.append(_row(cand, answers[c], answers[r], None if scores is None else (scores[c], scores[r]),
+                                 annotator.name))
+                kept += 1
+        if not kept:
+            stats.ties += 1
     stats.pairs = len(rows)
     return rows, stats
 
@@ -232,6 +316,8 @@ def simulate_feedback(
     max_prompts: int = 0,
     batch_size: int = 8,
     device: str = "auto",
+    pairing: str = "best_worst",
+    unfinished: str = "keep",
 ) -> dict[str, Any]:
     """Sample answers from `model_spec` for each prompt, label them with `annotator`, write `output`.
 
@@ -241,6 +327,10 @@ def simulate_feedback(
     from rlhfkit.models.load import ModelConfig, load_causal_lm, load_tokenizer, resolve_device
 
     judge = load_annotator(annotator, **(annotator_options or {}))
+    if pairing not in ("best_worst", "all"):
+        raise ConfigError("pairing", f"expected best_worst or all, got {pairing!r}")
+    if unfinished not in ("keep", "drop", "trim"):
+        raise ConfigError("unfinished", f"expected keep, drop or trim, got {unfinished!r}")
     out_path = Path(os.path.expanduser(output))
     if out_path.suffix.lower() != ".jsonl":
         raise DataError(f"{output}: preference files are written as JSONL; name the output file *.jsonl")
@@ -255,16 +345,17 @@ def simulate_feedback(
     t1 = time.perf_counter()
     candidates = generate_pairs(
         model, tokenizer, prompt_list, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, unfinished=unfinished,
     )
     t2 = time.perf_counter()
-    rows, stats = label_pairs(candidates, judge)
+    rows, stats = label_pairs(candidates, judge, pairing)
     t3 = time.perf_counter()
     if not rows:
         raise DataError(
             f"no preference pairs to write to {output}: of {stats.prompts} prompts, {stats.ties} were ties and "
-            f"{stats.too_few} had fewer than 2 distinct answers. Sample more answers per prompt, raise the "
-            "temperature, or lower the annotator's min_gap. Nothing was written."
+            f"{stats.too_few} had fewer than 2 distinct answers ({stats.unfinished} answers were cut off by the "
+            "token budget). Sample more answers per prompt, raise the temperature or max_new_tokens, or lower the "
+            "annotator's min_gap. Nothing was written."
         )
     write_preferences(rows, out_path)
 

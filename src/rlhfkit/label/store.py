@@ -285,6 +285,10 @@ class Store:
                              f"add-annotator {self.target} {name} --rotate`)") from None
         return token
 
+    def annotator_names(self) -> list[str]:
+        with self.read() as conn:
+            return [r[0] for r in conn.execute(select(S.annotators.c.name))]
+
     def rotate_token(self, name: str) -> str:
         token = secrets.token_urlsafe(24)
         with self.write() as conn:

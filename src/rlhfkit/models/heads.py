@@ -2,7 +2,8 @@
 
 A reward model is `AutoModelForSequenceClassification`: the causal LM's backbone plus a linear `score`
 head (hidden -> num_labels, no bias). Its output is read at the LAST NON-PADDING token of each
-right-padded row, found from the attention mask. We do not use transformers' own pooling, which looks
+right-padded row, found from the attention mask, or averaged over the real tokens for a model trained
+with `pooling=mean` (`rlhfkit_pooling` in its config). We do not use transformers' own pooling, which looks
 for the last token that differs from `pad_token_id`: in the bundled SmolLM2 the pad token *is* the
 end-of-turn token, so a sequence ending with it would be scored one token early.
 """
@@ -66,11 +67,26 @@ def freeze_backbone(model: torch.nn.Module) -> None:
         p.requires_grad_(id(p) in head)
 
 
+POOLING = ("last", "mean")
+"""How a head's per-token outputs become one score: at the last real token (the usual reward model), or
+their mean over every real token. See docs/reward.md for why the demo's reward model uses `mean`."""
+
+
+def pooling_of(model: torch.nn.Module) -> str:
+    """The pooling a reward model was trained with (`rlhfkit_pooling` in its config; `last` when absent)."""
+    base = unwrap(model)
+    if is_peft(base):
+        base = base.get_base_model()
+    return getattr(getattr(base, "config", None), "rlhfkit_pooling", None) or "last"
+
+
 def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Head output at the last real token: (B, T) ids -> (B,) when num_labels == 1, else (B, num_labels).
+    """Pooled head output: (B, T) ids -> (B,) when num_labels == 1, else (B, num_labels).
 
     The forward goes through `model` itself (so DDP synchronises gradients and PEFT adapters apply); a
     hook on the head captures its per-position output (B, T, num_labels) before transformers pools it.
+    Pooling `last` reads the last real token; `mean` averages over the real tokens (the head is linear,
+    so this is the head applied to the mean hidden state).
     """
     captured: list[torch.Tensor] = []
     handle = score_head(model).register_forward_hook(lambda _m, _inp, out: captured.append(out))
@@ -79,8 +95,12 @@ def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     finally:
         handle.remove()
     logits = captured[-1]  # (B, T, L)
-    idx = last_token_index(attention_mask).to(logits.device)  # (B,)
-    pooled = logits[torch.arange(logits.size(0), device=logits.device), idx]  # (B, L)
+    if pooling_of(model) == "mean":
+        m = attention_mask.to(logits.device, logits.dtype).unsqueeze(-1)  # (B, T, 1)
+        pooled = (logits * m).sum(1) / m.sum(1).clamp(min=1)  # (B, L)
+    else:
+        idx = last_token_index(attention_mask).to(logits.device)  # (B,)
+        pooled = logits[torch.arange(logits.size(0), device=logits.device), idx]  # (B, L)
     return pooled.squeeze(-1) if pooled.size(-1) == 1 else pooled
 
 
@@ -110,14 +130,19 @@ def build_reward_model(
     head_init: Literal["normal", "zeros"] = "normal",
     seed: int = 0,
     device: torch.device | None = None,
+    layers: int = 0,
 ) -> PreTrainedModel:
     """A fresh *ForSequenceClassification from any spec the loader accepts (tiny:, bundled:, folder, ...).
 
     The causal LM is loaded as usual (safetensors only, dropout off, gradient checkpointing if asked),
     then its backbone module is moved into a classification model built on the meta device (no second
     copy of the weights, no wasted random init), and a new head is created and initialised.
+    `layers` > 0 keeps only the first `layers` transformer blocks (the final norm stays): see
+    `truncate_layers`.
     """
     causal = load_causal_lm(cfg, device=None, tokenizer=tokenizer)
+    if layers:
+        truncate_layers(causal, layers, cfg.name)
     config = causal.config
     config.num_labels = num_labels
     config.pad_token_id = tokenizer.pad_token_id  # transformers refuses batches > 1 without one
@@ -143,6 +168,24 @@ def build_reward_model(
     disable_dropout(model)  # the backbone's already is; this covers anything the classification class adds
     model.train()
     return model.to(device) if device is not None else model
+
+
+def truncate_layers(model: PreTrainedModel, layers: int, name: str) -> None:
+    """Keep the first `layers` decoder blocks of a causal LM, in place (config.num_hidden_layers follows, so
+    the saved model loads back with that depth). A judge of word choice (a lexicon such as VADER) is read
+    better from early layers than from the last ones, which specialise in predicting the next token; and
+    a shallow backbone trains several times faster. See docs/reward.md."""
+    backbone = getattr(model, model.base_model_prefix, None)
+    blocks = getattr(backbone, "layers", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise ModelError(f"{name}: cannot keep only some layers of {type(model).__name__} (no decoder layer list)")
+    if not 0 < layers <= len(blocks):
+        raise ModelError(f"{name} has {len(blocks)} layers; backbone_layers must be 1..{len(blocks)}, got {layers}")
+    backbone.layers = blocks[:layers]
+    text = model.config.get_text_config()
+    text.num_hidden_layers = layers
+    if getattr(text, "layer_types", None):
+        text.layer_types = list(text.layer_types)[:layers]
 
 
 def load_reward_model(

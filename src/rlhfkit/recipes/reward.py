@@ -105,6 +105,12 @@ class RewardConfig(RunConfig):
         "auto", "head init: normal = N(0, 1/(hidden+1)) (Ziegler et al. 2019); zeros = every score starts at 0 "
                 "(the target mean); auto = zeros for regression, normal otherwise"
     )
+    pooling: Literal["last", "mean"] = opt(
+        "last", "score read at the last real token (the usual reward model), or the mean over all real tokens "
+                "(learns from far fewer pairs when the backbone barely moves: see docs/reward.md)"
+    )
+    backbone_layers: int = opt(0, "keep only the first N transformer blocks of the backbone (0 = all): a shallower, "
+                                  "faster reward model; early layers carry word choice best (docs/reward.md)", ge=0)
     use_margin: bool = opt(True, "pairwise: subtract a row's optional 'margin' inside the sigmoid (Llama 2)")
     center_rewards_coefficient: float = opt(
         0.0, "pairwise: weight of mean (r_chosen + r_rejected)^2, keeps rewards centred (Eisenstein et al. 2023)", ge=0.0
@@ -306,7 +312,8 @@ def _setup(cfg: RewardConfig, resume: str | None, device: torch.device, info: Di
     # differences and ignore it; regression would spend its first steps unlearning it, hence zeros there.
     head_init = cfg.head_init if cfg.head_init != "auto" else ("zeros" if cfg.mode == "regression" else "normal")
     model = build_reward_model(cfg.model, tokenizer, num_labels=num_labels, head_init=head_init, seed=cfg.seed,
-                               device=device)
+                               device=device, layers=cfg.backbone_layers)
+    model.config.rlhfkit_pooling = cfg.pooling  # read by score_sequences, saved in config.json
     if cfg.freeze_backbone:
         freeze_backbone(model)
     if cfg.lora.enabled:
@@ -373,7 +380,8 @@ def _train(cfg: RewardConfig, resume: str | None, device: torch.device, info: Di
 
     # Reward statistics over the training responses (chosen and rejected), in scoring units: PPO can
     # use them to normalise rewards, and a reader sees what scale this model outputs.
-    attrs: dict[str, Any] = {"rlhfkit_mode": cfg.mode, "rlhfkit_chat_template": cfg.data.chat_template}
+    attrs: dict[str, Any] = {"rlhfkit_mode": cfg.mode, "rlhfkit_chat_template": cfg.data.chat_template,
+                             "rlhfkit_pooling": cfg.pooling}
     if cfg.mode != "classification":
         stats = evaluate(ddp, s.train_items, cfg, pad_id, device, amp, norm, info, prefix="stats")
         attrs.update(rlhfkit_reward_mean=stats["stats/reward_mean"], rlhfkit_reward_std=stats["stats/reward_std"])
