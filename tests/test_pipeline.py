@@ -24,7 +24,7 @@ TINY = {
     "stages": ["feedback", "reward", "dpo", "eval", "compress"],
     "feedback": {"annotator": "length", "prompts": "bundled:reviews_train",
                  "max_prompts": 8, "eval_prompts": "bundled:reviews_val", "max_eval_prompts": 4,
-                 "samples_per_prompt": 3, "max_new_tokens": 8},
+                 "samples_per_prompt": 3, "max_new_tokens": 8, "unfinished": "keep"},
     "reward": {"set": {"train.max_steps": 2, "train.batch_size": 4, "data.max_length": 96, "progress": False,
                        "tensorboard": False}},
     "dpo": {"set": {"train.max_steps": 6, "train.batch_size": 4, "train.save_every": 2, "data.max_length": 96,
@@ -225,7 +225,7 @@ def test_demo_is_the_pipeline_and_prints_the_headline(tmp_path):
     args = [f"output_dir={out}", "model=tiny:llama", "feedback.max_prompts=6", "feedback.max_eval_prompts=4",
             "feedback.samples_per_prompt=3", "feedback.max_new_tokens=8", "feedback.unfinished=keep",
             "feedback.annotator=length", "feedback.annotator_options={}",
-            "reward.set={train.max_steps: 2, train.batch_size: 4, data.max_length: 96, progress: false}",
+            "reward.set={train.max_steps: 2, train.batch_size: 4, data.max_length: 96, progress: false, backbone_layers: 1}",
             "dpo.set={train.max_steps: 2, train.batch_size: 4, data.max_length: 96, progress: false}",
             "eval.max_prompts=3", "eval.max_new_tokens=6", "eval.samples=1", "compress.to=[merged]",
             "compress.max_reference=2"]

@@ -55,6 +55,9 @@ class FeedbackStage:
     eval_prompts: str = opt("bundled:reviews_val", "prompts of the pairs the reward model is validated on (other "
                                                     "subjects than `prompts`); empty = split off eval_fraction instead")
     max_eval_prompts: int = opt(0, "use the first N eval prompts; 0 = all", ge=0)
+    validate: list[str] = field(default_factory=lambda: ["reward", "dpo"], metadata={
+        "help": "stages that are validated on the eval_prompts pairs (the others hold out a fraction of their "
+                "training pairs)"})
     samples_per_prompt: int = opt(4, "answers sampled per prompt", ge=2)
     pairing: Literal["all", "best_worst"] = opt("all", "simulated: all = every pair of a prompt's answers that is "
                                                        "not a tie; best_worst = one pair per prompt")
@@ -138,6 +141,9 @@ class PipelineConfig:
             raise ConfigError("rounds", "rounds > 1 need the feedback stage: each round labels the previous policy's answers")
         if self.rounds > 1 and not any(s in self.stages for s in POLICY_STAGES):
             raise ConfigError("rounds", "rounds > 1 need a policy stage (dpo or ppo) to sample the next round from")
+        for i, name in enumerate(self.feedback.validate):
+            if name not in ("reward", "dpo"):
+                raise ConfigError(f"feedback.validate[{i}]", f"expected reward or dpo, got {name!r}")
         for i, fmt in enumerate(self.compress.to):
             if fmt not in ("merged", "int8", "gguf-f16", "gguf-q8_0"):
                 raise ConfigError(f"compress.to[{i}]", f"expected merged, int8, gguf-f16 or gguf-q8_0, got {fmt!r}")

@@ -123,7 +123,7 @@ def plan(cfg: PipelineConfig, log: Callable[[str], None] = print) -> list[Step]:
 
         if "reward" in cfg.stages:
             reward_key = f"round-{r}/reward"
-            injected, needs = _pairs_data(prefs, prefs_eval)
+            injected, needs = _pairs_data(prefs, prefs_eval if "reward" in cfg.feedback.validate else None)
             injected["model"] = {"name": start_model}
             steps.append(recipe_step("reward", r, reward_key, rdir / "reward", injected,
                                      [k for k in (fb_key, start_key) if k], needs, [] if start_key else [start_model]))
@@ -136,7 +136,7 @@ def plan(cfg: PipelineConfig, log: Callable[[str], None] = print) -> list[Step]:
                 continue
             key = f"round-{r}/{name}"
             if name == "dpo":
-                injected, needs = _pairs_data(prefs, prefs_eval)
+                injected, needs = _pairs_data(prefs, prefs_eval if "dpo" in cfg.feedback.validate else None)
                 upstream = [k for k in (fb_key, policy_key) if k]
             else:
                 rewards = st.scorer_specs(cfg.ppo.rewards, reward_model, "ppo.rewards")
