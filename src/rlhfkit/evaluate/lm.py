@@ -120,18 +120,9 @@ def token_kl(policy: torch.nn.Module, reference: torch.nn.Module, prompt_ids: li
 
 
 def _score(sources: list[Any], names: list[str], prompts: list[str], texts: list[str]) -> dict[str, list[float]]:
-    from rlhfkit.rl.rewards import _check_scores
+    from rlhfkit.rl.rewards import score_each
 
-    scores: dict[str, list[float]] = {}
-    for src, name in zip(sources, names):
-        try:
-            raw = src.score(list(prompts), list(texts))
-        except RlhfkitError:
-            raise
-        except Exception as exc:
-            raise RlhfkitError(f"scorer '{src.name}' failed: {type(exc).__name__}: {exc}") from exc
-        scores[name] = _check_scores(src.name, raw, len(texts)).tolist()
-    return scores
+    return {name: values.tolist() for name, values in zip(names, score_each(sources, prompts, texts))}
 
 
 def _decoding_rows(prompts: list[str], ans: Answers, decoding: str) -> tuple[list[int], list[Completion]]:
@@ -165,14 +156,16 @@ def compare(prompts: list[str], answers: dict[str, Answers], base: str, scored: 
     n = len(prompts)
     result: dict[str, Any] = {"answers": {}, "scores": {}, "win_rate": {}, "length_bias": {}}
     per_prompt: dict[tuple[str, str, str], np.ndarray] = {}
-    lengths: dict[tuple[str, str], np.ndarray] = {}
+    lengths: dict[tuple[str, str], np.ndarray] = {}  # per-prompt mean answer length
+    answer_lengths: dict[tuple[str, str], list[int]] = {}  # every answer's length, in _decoding_rows order
     decodings = [d for d in DECODINGS if d == "greedy" or cfg.samples]
     for model, ans in answers.items():
         result["answers"][model] = {}
         for decoding in decodings:
             owners, comps = _decoding_rows(prompts, ans, decoding)
             result["answers"][model][decoding] = _answer_stats(comps)
-            lengths[model, decoding] = _per_prompt([len(c.token_ids) for c in comps], owners, n)
+            answer_lengths[model, decoding] = [len(c.token_ids) for c in comps]
+            lengths[model, decoding] = _per_prompt(answer_lengths[model, decoding], owners, n)
             for scorer, values in scored[model][decoding].items():
                 result["scores"].setdefault(scorer, {}).setdefault(model, {})[decoding] = mean_ci(values, seed=cfg.seed)
                 per_prompt[model, decoding, scorer] = _per_prompt(values, owners, n)
@@ -185,8 +178,7 @@ def compare(prompts: list[str], answers: dict[str, Answers], base: str, scored: 
                 lt, lb = lengths[model, decoding], lengths[base, decoding]
                 result["win_rate"].setdefault(scorer, {}).setdefault(model, {})[decoding] = paired_win_rate(t, b, seed=cfg.seed)
                 all_scores = list(scored[model][decoding][scorer]) + list(scored[base][decoding][scorer])
-                all_lengths = [len(c.token_ids) for c in _decoding_rows(prompts, answers[model], decoding)[1]] + \
-                              [len(c.token_ids) for c in _decoding_rows(prompts, answers[base], decoding)[1]]
+                all_lengths = answer_lengths[model, decoding] + answer_lengths[base, decoding]
                 result["length_bias"].setdefault(scorer, {}).setdefault(model, {})[decoding] = {
                     "score_vs_length": length_bias(all_scores, all_lengths),
                     "length_matched": length_matched_win_rate(t, lt, b, lb, tolerance=cfg.length_tolerance, seed=cfg.seed),

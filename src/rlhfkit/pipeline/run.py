@@ -98,7 +98,6 @@ def plan(cfg: PipelineConfig, log: Callable[[str], None] = print) -> list[Step]:
 
     policy_model, policy_key = start_model, start_key
     feedback_dirs: list[Path] = []
-    last_eval: Path | None = None
     for r in range(1, cfg.rounds + 1):
         rdir = out / f"round-{r}"
         prev_feedback = list(feedback_dirs)
@@ -166,7 +165,6 @@ def plan(cfg: PipelineConfig, log: Callable[[str], None] = print) -> list[Step]:
                         "seed": cfg.seed}
             steps.append(Step(key, "eval", r, folder, settings, [e.prompts], upstream,
                               {"summary": str(folder / "summary.json"), "report": str(folder / "report.html")}, run_eval))
-            last_eval = folder
 
         if policy_stage is not None and policy_stage in round_policies:
             policy_model, policy_key = round_policies[policy_stage], round_policy_keys[policy_stage]
@@ -182,7 +180,6 @@ def plan(cfg: PipelineConfig, log: Callable[[str], None] = print) -> list[Step]:
         steps.append(Step("compress", "compress", cfg.rounds, folder, {"compress": to_dict(c), "model": final_policy,
                                                                        "quality": _quality_settings(cfg)},
                           [], [policy_key], {"table": str(folder / "compress.json")}, run_compress))
-    del last_eval
     return steps
 
 

@@ -160,12 +160,11 @@ def build_reward_sources(specs: Sequence[str], *, device: torch.device, normaliz
     return out
 
 
-def score_all(sources: list[RewardSource], prompts: list[Any], completions: list[str],
-              completion_ids: list[list[int]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted total (N,) float32 and each source's mean score (`score/NAME`)."""
-    total = torch.zeros(len(completions), dtype=torch.float32)
-    parts: dict[str, float] = {}
-    for src, key in zip(sources, metric_names(sources)):
+def score_each(sources: list[RewardSource], prompts: list[Any], completions: list[str],
+               completion_ids: list[list[int]] | None = None) -> list[torch.Tensor]:
+    """Each source's unweighted scores (N,) float32, checked (count, finiteness); errors name the source."""
+    out = []
+    for src in sources:
         extra = {"completion_ids": completion_ids} if src.wants_ids and completion_ids is not None else {}
         try:
             raw = src.score(list(prompts), list(completions), **extra)
@@ -173,7 +172,16 @@ def score_all(sources: list[RewardSource], prompts: list[Any], completions: list
             raise
         except Exception as exc:
             raise RlhfkitError(f"reward source '{src.name}' failed: {type(exc).__name__}: {exc}") from exc
-        values = _check_scores(src.name, raw, len(completions))
+        out.append(_check_scores(src.name, raw, len(completions)))
+    return out
+
+
+def score_all(sources: list[RewardSource], prompts: list[Any], completions: list[str],
+              completion_ids: list[list[int]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted total (N,) float32 and each source's mean score (`score/NAME`)."""
+    total = torch.zeros(len(completions), dtype=torch.float32)
+    parts: dict[str, float] = {}
+    for src, key, values in zip(sources, metric_names(sources), score_each(sources, prompts, completions, completion_ids)):
         total += src.weight * values
         parts[key] = values.mean().item() if len(values) else 0.0
     return total, parts
