@@ -139,6 +139,10 @@ def test_eval_refuses_bad_inputs_before_loading_models(tmp_path):
 
     bad = run("--model", str(tmp_path / "missing"), "--base", "tiny:llama")
     assert bad.returncode == 2 and "missing" in bad.stderr
+    (tmp_path / "runs").mkdir()
+    rel = subprocess.run([sys.executable, "-m", "rlhfkit", "eval", "--model", "runs/nope", "--base", "tiny:llama",
+                          "-o", "r"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert rel.returncode == 2 and "model folder 'runs/nope' not found" in rel.stderr  # not taken for a hub id
     bad = run("--model", "tiny:llama", "--base", "tiny:llama", "--scorers", "no_such_scorer")
     assert bad.returncode == 2 and "no_such_scorer" in bad.stderr
     bad = run("--model", "tiny:llama")

@@ -164,6 +164,9 @@ def resolve_spec(spec: str) -> ResolvedSpec:
             f"model '{spec}' not found: expected bundled:NAME, tiny:ARCH, an existing folder, a .gguf file, "
             "or a hub id like org/name"
         )
+    head = Path(spec).parts[0]
+    if Path(head).is_dir():  # `runs/nope` where runs/ exists: a folder that is missing, not a hub id
+        raise ModelError(f"model folder '{spec}' not found ({head}/ exists, {spec} does not)")
     return ResolvedSpec("hub", spec)
 
 
