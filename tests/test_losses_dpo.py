@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.losses.dpo import dpo_loss
+from rlhfkit.losses.dpo import chosen_nll, dpo_loss
 from rlhfkit.losses.logprobs import sequence_logprobs, token_logprobs
 
 
@@ -52,6 +52,38 @@ def test_ipo_uses_length_normalised_ratios() -> None:
         dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="ipo")
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="kto")
+
+
+def test_rdpo_length_term_hand_computed() -> None:
+    # chosen 30 tokens, rejected 10: the margin gains 0.01 * 20 = 0.2 -> -log sigma(0.2 + 0.2)
+    lc, lr = torch.tensor([30]), torch.tensor([10])
+    losses, rc, _ = dpo_loss(PC, PR, RC, RR, beta=0.1, chosen_lengths=lc, rejected_lengths=lr, length_alpha=0.01)
+    assert losses.item() == pytest.approx(-_logsig(0.4), abs=1e-6)
+    assert rc.item() == pytest.approx(0.1)  # the implicit rewards are not shifted
+    # a shorter chosen answer gets a smaller margin, so it is pushed harder: length is paid for
+    losses, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.1, chosen_lengths=lr, rejected_lengths=lc, length_alpha=0.01)
+    assert losses.item() == pytest.approx(-_logsig(0.0), abs=1e-6)
+    losses, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="hinge", chosen_lengths=lc, rejected_lengths=lr,
+                            length_alpha=0.01)
+    assert losses.item() == pytest.approx(1 - 0.4, abs=1e-6)
+    with pytest.raises(ValueError, match="lengths"):
+        dpo_loss(PC, PR, RC, RR, beta=0.1, length_alpha=0.01)
+    with pytest.raises(ValueError, match="IPO"):
+        dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="ipo", chosen_lengths=lc, rejected_lengths=lr, length_alpha=0.01)
+
+
+def test_rdpo_gradient_is_dpo_with_shifted_margin() -> None:
+    # d loss / d pi_c = -beta * sigma(-(beta h + offset)): a longer chosen answer saturates sooner
+    pc = torch.tensor([-10.0], requires_grad=True)
+    losses, _, _ = dpo_loss(pc, PR, RC, RR, beta=0.1, chosen_lengths=torch.tensor([30]),
+                            rejected_lengths=torch.tensor([10]), length_alpha=0.01)
+    losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.1 / (1 + math.exp(0.4)), abs=1e-7)
+
+
+def test_chosen_nll_is_mean_token_nll() -> None:
+    nll = chosen_nll(torch.tensor([-10.0, -3.0]), torch.tensor([4, 0]))
+    assert nll.tolist() == pytest.approx([2.5, 3.0])  # an empty count is clamped to 1
 
 
 def test_batch_is_per_pair_and_gradient_sign() -> None:

@@ -241,3 +241,27 @@ def test_demo_is_the_pipeline_and_prints_the_headline(tmp_path):
     again = subprocess.run([sys.executable, "-m", "rlhfkit", "demo", *args], capture_output=True, text=True,
                            timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert again.returncode == 0 and again.stdout.count("unchanged, skipped") == 5
+
+
+def test_ppo_stage_runs_the_packaged_demo_ppo_config_against_the_reward_model(tmp_path):
+    """dpo and ppo in one round: PPO trains against this round's reward model with the packaged
+    rlhfkit:demo_ppo.yaml (shrunk by `set`), eval compares both with the base and compress takes the
+    last policy listed (ppo)."""
+    out = tmp_path / "both"
+    cfg = write_config(tmp_path, out, stages=["feedback", "reward", "dpo", "ppo", "eval", "compress"],
+                       ppo={"config": "rlhfkit:demo_ppo.yaml",
+                            "set": {"train.max_steps": 2, "rollout.max_new_tokens": 8, "train.batch_size": 2,
+                                    "ppo.mini_batch_size": 4, "progress": False, "tensorboard": False,
+                                    "train.save_every": 1}})
+    plan = run_pipeline(cfg, [], dry_run=True, log=quiet)
+    assert actions(plan)["round-1/ppo"] == "run"
+    run_pipeline(cfg, [], log=quiet)
+    ppo_cfg = yaml.safe_load((out / "configs" / "round-1-ppo.yaml").read_text())
+    assert ppo_cfg["reward"]["sources"] == [str(out / "round-1" / "reward" / "model")]
+    assert ppo_cfg["ppo"]["advantage"] == "rloo" and ppo_cfg["rollout"]["samples_per_prompt"] == 4
+    rows = [json.loads(x) for x in (out / "round-1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "objective/scores" in r] == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["rounds"][0]["models"]) == {"dpo", "ppo"}
+    assert set(summary["rounds"][0]["kl"]) == {"dpo", "ppo"}
+    assert summary["compress"]["merged"]["source"] == str(out / "round-1" / "ppo" / "model")

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhfkit.config import load_config
+from rlhfkit.errors import ConfigError
 from rlhfkit.losses.dpo import dpo_loss
 from rlhfkit.losses.reward import bradley_terry_loss
 from rlhfkit.losses.sft import sft_loss
@@ -127,6 +128,21 @@ def test_dpo_recipe_loss_passes_chosen_and_rejected_lengths_in_order() -> None:
     swapped, _, _ = dpo_loss(logps[:2], logps[2:], ref_c, ref_r, beta=0.5, loss_type="ipo",
                              chosen_lengths=counts[2:], rejected_lengths=counts[:2])
     assert not torch.allclose(got, swapped)
+
+
+def test_dpo_recipe_length_alpha_and_sft_weight_hand_computed() -> None:
+    from rlhfkit.recipes.dpo import DPOConfig, _loss
+
+    cfg = load_config(DPOConfig, None, ["data.train=x.jsonl", "dpo.beta=0.1", "dpo.length_alpha=0.01",
+                                        "dpo.sft_weight=0.5"])
+    logps = torch.tensor([-10.0, -12.0])  # chosen, rejected
+    counts = torch.tensor([30.0, 10.0])
+    got, rc, rr = _loss(cfg, logps, counts, torch.tensor([-11.0]), torch.tensor([-11.0]))
+    # -log sigma(0.1 * 2 + 0.01 * 20) + 0.5 * 10 / 30
+    assert got.item() == pytest.approx(math.log1p(math.exp(-0.4)) + 0.5 * 10 / 30, abs=1e-6)
+    assert (rc.item(), rr.item()) == pytest.approx((0.1, -0.1))
+    with pytest.raises(ConfigError, match="length_alpha"):
+        load_config(DPOConfig, None, ["data.train=x.jsonl", "dpo.loss_type=ipo", "dpo.length_alpha=0.01"])
 
 
 # --------------------------------------------------------------------------------------------------

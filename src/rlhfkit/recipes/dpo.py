@@ -28,7 +28,7 @@ from rlhfkit.data.config import DataConfig, load_train_eval
 from rlhfkit.data.sampler import BatchSampler, check_batch_size
 from rlhfkit.data.tokenize import PairExample, tokenize_preference
 from rlhfkit.errors import ConfigError
-from rlhfkit.losses.dpo import dpo_loss
+from rlhfkit.losses.dpo import chosen_nll, dpo_loss
 from rlhfkit.losses.logprobs import sequence_logprobs
 from rlhfkit.models.bundled import cache_dir
 from rlhfkit.models.load import (
@@ -62,6 +62,10 @@ class DPOLossConfig:
     beta: float = opt(0.1, "strength of the implicit KL constraint (higher = stay closer to the reference)", gt=0.0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = opt("sigmoid", "sigmoid (DPO), ipo (Azar et al.) or hinge (SLiC)")
     label_smoothing: float = opt(0.0, "conservative DPO: assumed fraction of flipped labels (sigmoid only)", ge=0.0, lt=0.5)
+    length_alpha: float = opt(0.0, "R-DPO length regularization: the margin gains alpha * (chosen - rejected length in "
+                              "tokens), so a longer chosen answer teaches less length (sigmoid/hinge; 0 = off)", ge=0.0)
+    sft_weight: float = opt(0.0, "RPO: add this weight times the chosen answer's mean token NLL, which keeps chosen "
+                            "answers (and their end-of-turn token) likely; 0 = off", ge=0.0)
     precompute_ref: bool = opt(True, "compute reference log-probs once before training and cache them on disk")
     ref_model: str = opt("", "reference model spec; empty = the starting policy (base weights under LoRA)")
     logprob_chunk: int = opt(128, "positions per chunk when computing log-probs (bounds float32 memory)", gt=0)
@@ -69,6 +73,8 @@ class DPOLossConfig:
     def validate(self) -> None:
         if self.label_smoothing > 0 and self.loss_type != "sigmoid":
             raise ConfigError("label_smoothing", "only applies to loss_type=sigmoid (conservative DPO)")
+        if self.length_alpha > 0 and self.loss_type == "ipo":
+            raise ConfigError("length_alpha", "applies to loss_type=sigmoid or hinge; IPO already averages over length")
 
 
 @dataclass
@@ -198,8 +204,12 @@ def _metrics(prefix: str, s: torch.Tensor) -> dict[str, float]:
 
 def _loss(cfg: DPOConfig, logps: torch.Tensor, counts: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor):  # noqa: ANN202
     n = ref_c.numel()
-    return dpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
-                    label_smoothing=cfg.dpo.label_smoothing, chosen_lengths=counts[:n], rejected_lengths=counts[n:])
+    losses, rc, rr = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+                              label_smoothing=cfg.dpo.label_smoothing, chosen_lengths=counts[:n],
+                              rejected_lengths=counts[n:], length_alpha=cfg.dpo.length_alpha)
+    if cfg.dpo.sft_weight:
+        losses = losses + cfg.dpo.sft_weight * chosen_nll(logps[:n], counts[:n])
+    return losses, rc, rr
 
 
 @torch.no_grad()
