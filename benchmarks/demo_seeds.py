@@ -41,7 +41,7 @@ COLUMNS = (
 def seed_row(folder: Path) -> dict[str, float]:
     """The headline numbers of one finished pipeline folder (its last round)."""
     rnd = json.loads((folder / "summary.json").read_text())["rounds"][-1]
-    tuned = rnd["models"][0]
+    tuned = next(iter(rnd["models"]))  # the first tuned model (the demo has one)
     extra = {(r[0], r[1]): r[2] for t in rnd.get("extra_tables", []) for r in t["rows"]}
     greedy = rnd["answers"]
     row = {
