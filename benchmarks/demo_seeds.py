@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def seed_row(folder: Path) -> dict[str, float]:
     rnd = json.loads((folder / "summary.json").read_text())["rounds"][-1]
     tuned = next(iter(rnd["models"]))  # the first tuned model (the demo has one)
     extra = {(r[0], r[1]): r[2] for t in rnd.get("extra_tables", []) for r in t["rows"]}
-    greedy = rnd["answers"]
+    answers = rnd["answers"]
     row = {
         "rm_acc": extra.get(("reward", "eval/accuracy"), float("nan")),
         "dpo_acc": extra.get((tuned, "eval/rewards/accuracies"), float("nan")),
@@ -53,9 +54,9 @@ def seed_row(folder: Path) -> dict[str, float]:
         "win_sampled": rnd["win_rate"]["sentiment"][tuned]["sampled"]["win_rate"],
         "win_matched": rnd["length_bias"]["sentiment"][tuned]["greedy"]["length_matched"]["win_rate"],
         "kl": rnd["kl"][tuned]["k1_per_token"],
-        "len_base": greedy["base"]["greedy"]["length_tokens"]["mean"],
-        "len_tuned": greedy[tuned]["greedy"]["length_tokens"]["mean"],
-        "eos_tuned": greedy[tuned]["greedy"]["eos_rate"],
+        "len_base": answers["base"]["greedy"]["length_tokens"]["mean"],
+        "len_tuned": answers[tuned]["greedy"]["length_tokens"]["mean"],
+        "eos_tuned": answers[tuned]["greedy"]["eos_rate"],
     }
     timing = folder / "seconds.txt"
     row["minutes"] = float(timing.read_text()) / 60 if timing.exists() else float("nan")
@@ -70,7 +71,7 @@ def table(rows: dict[int, dict[str, float]]) -> str:
     if len(rows) > 1:
         stats = []
         for c in names:
-            vals = [r[c] for r in rows.values() if r[c] == r[c]]
+            vals = [r[c] for r in rows.values() if not math.isnan(r[c])]
             stats.append(f"{statistics.mean(vals):.3f} +- {statistics.stdev(vals):.3f}" if len(vals) > 1 else "n/a")
         lines.append("| mean +- sd | " + " | ".join(stats) + " |")
     return "\n".join(lines)

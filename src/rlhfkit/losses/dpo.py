@@ -29,10 +29,9 @@ import torch.nn.functional as F
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
-def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0, offset: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """-(1 - eps) log sigma(z) - eps log sigma(-z), z = beta h + offset; eps = 0, offset = 0 is the original DPO loss."""
-    z = beta * h + offset
-    return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """-(1 - eps) log sigma(beta h) - eps log sigma(-beta h); eps = 0 is the original DPO loss."""
+    return -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
 def ipo_loss(h_avg: torch.Tensor, beta: float) -> torch.Tensor:
@@ -40,9 +39,9 @@ def ipo_loss(h_avg: torch.Tensor, beta: float) -> torch.Tensor:
     return (h_avg - 1.0 / (2.0 * beta)) ** 2
 
 
-def hinge_loss(h: torch.Tensor, beta: float, offset: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """max(0, 1 - (beta h + offset))."""
-    return torch.relu(1.0 - (beta * h + offset))
+def hinge_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """max(0, 1 - beta h)."""
+    return torch.relu(1.0 - beta * h)
 
 
 def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
@@ -73,22 +72,22 @@ def dpo_loss(
     """
     if loss_type not in _LOSSES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
-    offset: torch.Tensor | float = 0.0
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps  # (B,)
+    h = chosen_ratio - rejected_ratio
     if length_alpha:
         if loss_type == "ipo":
             raise ValueError("length_alpha (R-DPO) applies to the sigmoid and hinge losses; IPO already averages over length")
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("length_alpha needs chosen_lengths and rejected_lengths (response token counts)")
-        offset = length_alpha * (chosen_lengths - rejected_lengths).to(policy_chosen_logps.dtype)
-    chosen_ratio = policy_chosen_logps - ref_chosen_logps  # (B,)
-    rejected_ratio = policy_rejected_logps - ref_rejected_logps  # (B,)
+        h = h + (length_alpha / beta) * (chosen_lengths - rejected_lengths).to(h.dtype)  # beta h + alpha (n_c - n_r)
     if loss_type == "ipo":
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("IPO needs chosen_lengths and rejected_lengths (response token counts)")
         h_avg = chosen_ratio / chosen_lengths.clamp(min=1) - rejected_ratio / rejected_lengths.clamp(min=1)
         losses = ipo_loss(h_avg, beta)
     elif loss_type == "sigmoid":
-        losses = sigmoid_loss(chosen_ratio - rejected_ratio, beta, label_smoothing, offset)
+        losses = sigmoid_loss(h, beta, label_smoothing)
     else:
-        losses = hinge_loss(chosen_ratio - rejected_ratio, beta, offset)
+        losses = hinge_loss(h, beta)
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
