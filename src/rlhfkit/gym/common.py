@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhfkit.config import opt
 from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.gym.vector_cartpole import CartPoleVec, is_plain_cartpole
 from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum
 
 
@@ -29,7 +30,9 @@ from rlhfkit.runtime.distributed import DistInfo, all_reduce_sum
 class EnvConfig:
     id: str = opt("CartPole-v1", "gymnasium environment id (vector observations; discrete or Box actions)")
     num_envs: int = opt(8, "environments per process", gt=0)
-    vector: Literal["sync", "async"] = opt("sync", "sync: all envs in this process; async: one subprocess each")
+    vector: Literal["auto", "sync", "async"] = opt(
+        "auto", "auto: CartPole-v1 stepped in numpy for all envs at once (gym/vector_cartpole.py), other ids as sync; "
+                "sync: all envs in this process, one after another; async: one subprocess each")
     max_episode_steps: int = opt(0, "time limit per episode; 0 = the environment's own", ge=0)
     kwargs: dict = opt({}, "extra keyword arguments for gymnasium.make")
 
@@ -51,6 +54,9 @@ def make_env(cfg: EnvConfig, render_mode: str | None = None) -> gym.Env:
 def make_vector_env(cfg: EnvConfig, render_mode: str | None = None) -> gym.vector.VectorEnv:
     check_spaces(make_env(cfg), cfg.id)
     fns = [lambda: make_env(cfg, render_mode) for _ in range(cfg.num_envs)]
+    if cfg.vector == "auto" and is_plain_cartpole(cfg.id, cfg.kwargs, render_mode):
+        return CartPoleVec(cfg.num_envs, max_episode_steps=cfg.max_episode_steps or int(cfg.kwargs.get("max_episode_steps", 500)),
+                           sutton_barto_reward=bool(cfg.kwargs.get("sutton_barto_reward", False)))
     mode = gym.vector.AutoresetMode.SAME_STEP
     if cfg.vector == "async":
         return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode)
