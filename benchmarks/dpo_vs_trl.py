@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+MODELS = ["bundled", "qwen2.5-0.5b-random", "tiny-random"]
 WORDS = "good bad great awful nice terrible lovely poor excellent fine food service room price staff view".split()
 
 
@@ -63,6 +64,13 @@ def model_folder(name: str, device: str) -> str:
             tok = load_tokenizer(str(prepare_bundled_tokenizer()))
             tok.save_pretrained(str(folder))
         return str(folder)
+    if name == "tiny-random":  # 2 layers, hidden 64: the dry run of benchmarks/gpu_suite.sh
+        from rlhfkit.models.bundled import prepare_bundled_tokenizer
+        from rlhfkit.models.load import load_tokenizer
+        from rlhfkit.models.tiny import build_tiny, prepare_tiny
+
+        tok = load_tokenizer(str(prepare_bundled_tokenizer()))
+        return str(prepare_tiny("llama", build_tiny("llama", tok), tok))
     raise SystemExit(f"unknown --model {name}")
 
 
@@ -161,7 +169,7 @@ def median(xs: list[float]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--model", default="bundled", choices=["bundled", "qwen2.5-0.5b-random"])
+    p.add_argument("--model", default="bundled", choices=MODELS)
     p.add_argument("--pairs", type=int, default=4, help="pairs per step")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
@@ -171,6 +179,7 @@ def main() -> None:
     p.add_argument("--ref", default="live", choices=["live", "precompute"], help="reference for BOTH trainers")
     p.add_argument("--also-rlhfkit-precompute", action="store_true",
                    help="also time rlhfkit with its default precomputed reference (TRL stays live)")
+    p.add_argument("--skip-trl", action="store_true", help="time rlhfkit alone (TRL not installed)")
     p.add_argument("--side", choices=["rlhfkit", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -186,10 +195,11 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(fn(args, folder, args.data, args.out)))
         return
 
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        raise SystemExit("TRL is not installed: pip install -e '.[bench]'") from None
+    if not args.skip_trl:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            raise SystemExit("TRL is not installed: pip install -e '.[bench]' (or pass --skip-trl)") from None
     work = Path(tempfile.mkdtemp(prefix="dpo-vs-trl-"))
     prompt_words, response_words = (20, 35) if args.max_length <= 128 else (100, 280)
     data = work / "pairs.jsonl"
@@ -198,7 +208,7 @@ def main() -> None:
     base = [sys.executable, __file__, "--device", args.device, "--model", args.model, "--pairs", str(args.pairs),
             "--max-length", str(args.max_length), "--steps", str(args.steps), "--lr", str(args.lr), "--beta", str(args.beta),
             "--data", str(data)]
-    runs = [("trl", "trl", args.ref), ("rlhfkit", "rlhfkit", args.ref)]
+    runs = [("rlhfkit", "rlhfkit", args.ref)] if args.skip_trl else [("trl", "trl", args.ref), ("rlhfkit", "rlhfkit", args.ref)]
     if args.also_rlhfkit_precompute and args.ref == "live":
         runs.append(("rlhfkit (precomputed ref)", "rlhfkit", "precompute"))
     results = {}
@@ -211,18 +221,21 @@ def main() -> None:
     print(f"\nDPO, {args.model} on {args.device}: {args.pairs} pairs/step, max_length {args.max_length}, "
           f"reference {args.ref}, {args.steps} steps (median over steps {args.warmup + 1}..{args.steps})")
     print(f"{'trainer':<28}{'s/step':>10}{'pairs/s':>10}{'peak MB':>10}{'vs TRL':>9}")
-    trl_step = median(results["trl"]["step_s"][args.warmup:])
+    trl_step = median(results["trl"]["step_s"][args.warmup:]) if "trl" in results else None
     for label, r in results.items():
         s = median(r["step_s"][args.warmup:])
-        print(f"{label:<28}{s:>10.3f}{args.pairs / s:>10.2f}{r['peak_mb']:>10.0f}{s / trl_step:>8.2f}x")
-    a, b = results["rlhfkit"]["losses"], results["trl"]["losses"]
-    diffs = [abs(x - y) for x, y in zip(a, b)]
-    print("\nper-step loss, first steps (rlhfkit vs TRL, same batches):")
-    for i, (x, y) in enumerate(zip(a[:20], b[:20]), start=1):
-        print(f"  step {i:>2}: {x:.6f}  {y:.6f}  |diff| {abs(x - y):.2e}")
-    print(f"max |loss diff| over {len(diffs)} steps: {max(diffs):.2e}")
-    print(json.dumps({"trl_version": results["trl"].get("version"), **{k: {"median_s_per_step": median(v["step_s"][args.warmup:]),
-          "peak_mb": v["peak_mb"]} for k, v in results.items()}}))
+        ratio = f"{s / trl_step:>8.2f}x" if trl_step else f"{'-':>9}"
+        print(f"{label:<28}{s:>10.3f}{args.pairs / s:>10.2f}{r['peak_mb']:>10.0f}{ratio}")
+    if "trl" in results:
+        a, b = results["rlhfkit"]["losses"], results["trl"]["losses"]
+        diffs = [abs(x - y) for x, y in zip(a, b)]
+        print("\nper-step loss, first steps (rlhfkit vs TRL, same batches):")
+        for i, (x, y) in enumerate(zip(a[:20], b[:20]), start=1):
+            print(f"  step {i:>2}: {x:.6f}  {y:.6f}  |diff| {abs(x - y):.2e}")
+        print(f"max |loss diff| over {len(diffs)} steps: {max(diffs):.2e}")
+    print(json.dumps({"trl_version": results.get("trl", {}).get("version"), "pairs": args.pairs,
+                      **{k: {"median_s_per_step": median(v["step_s"][args.warmup:]), "peak_mb": v["peak_mb"]}
+                         for k, v in results.items()}}))
 
 
 if __name__ == "__main__":

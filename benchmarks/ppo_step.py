@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dpo_vs_trl import model_folder, peak_memory_mb  # noqa: E402
+from dpo_vs_trl import MODELS, model_folder, peak_memory_mb  # noqa: E402
 
 WORDS = "good bad great awful nice terrible lovely poor excellent fine food service room price staff view".split()
 
@@ -158,7 +158,7 @@ def run_trl(a: argparse.Namespace, folder: str, data: Path, out: Path) -> dict |
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--model", default="bundled", choices=["bundled", "qwen2.5-0.5b-random"])
+    p.add_argument("--model", default="bundled", choices=MODELS)
     p.add_argument("--prompts", type=int, default=4, help="prompts per step")
     p.add_argument("--samples", type=int, default=2, help="completions per prompt")
     p.add_argument("--prompt-words", type=int, default=24)
