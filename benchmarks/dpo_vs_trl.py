@@ -208,7 +208,7 @@ def main() -> None:
     base = [sys.executable, __file__, "--device", args.device, "--model", args.model, "--pairs", str(args.pairs),
             "--max-length", str(args.max_length), "--steps", str(args.steps), "--lr", str(args.lr), "--beta", str(args.beta),
             "--data", str(data)]
-    runs = [("rlhfkit", "rlhfkit", args.ref)] if args.skip_trl else [("trl", "trl", args.ref), ("rlhfkit", "rlhfkit", args.ref)]
+    runs = ([] if args.skip_trl else [("trl", "trl", args.ref)]) + [("rlhfkit", "rlhfkit", args.ref)]
     if args.also_rlhfkit_precompute and args.ref == "live":
         runs.append(("rlhfkit (precomputed ref)", "rlhfkit", "precompute"))
     results = {}

@@ -83,6 +83,11 @@ def fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def ratio(mine: float, theirs: float | None) -> str:
+    """"1.23x" (rlhfkit / reference), or "-" when there is no reference number."""
+    return fmt(mine / theirs, ".2f") + "x" if theirs else "-"
+
+
 def table(dpo: dict | None, ppo: dict | None, trl: str) -> list[tuple[str, str, str, str]]:
     """(measure, rlhfkit, reference, rlhfkit / reference) rows from the parts' JSON; `trl` is "yes",
     "not installed" or "skipped"."""
@@ -96,13 +101,11 @@ def table(dpo: dict | None, ppo: dict | None, trl: str) -> list[tuple[str, str, 
             ours = dpo.get(key)
             if ours:
                 mine, theirs = pairs / ours["median_s_per_step"], ref and pairs / ref["median_s_per_step"]
-                rows.append((label, fmt(mine, ".2f"), fmt(theirs, ".2f") if ref else missing,
-                             fmt(mine / theirs, ".2f") + "x" if ref else "-"))
+                rows.append((label, fmt(mine, ".2f"), fmt(theirs, ".2f") if ref else missing, ratio(mine, theirs)))
         ours = dpo.get("rlhfkit")
         if ours:
             rows.append(("DPO peak memory MB, live reference", fmt(ours["peak_mb"], ".0f"),
-                         fmt(ref["peak_mb"], ".0f") if ref else missing,
-                         fmt(ours["peak_mb"] / ref["peak_mb"], ".2f") + "x" if ref and ref["peak_mb"] else "-"))
+                         fmt(ref["peak_mb"], ".0f") if ref else missing, ratio(ours["peak_mb"], ref and ref["peak_mb"])))
     else:
         rows.append(("DPO", "failed", "-", "-"))
     if ppo:
@@ -110,10 +113,10 @@ def table(dpo: dict | None, ppo: dict | None, trl: str) -> list[tuple[str, str, 
         gen, rloo, gae, trl_r = r.get("model.generate"), r.get("rlhfkit rloo"), r.get("rlhfkit ppo (gae, value head)"), r.get("TRL RLOOTrainer")
         if rloo and gen:
             rows.append(("rollout new tokens/s (engine vs model.generate)", fmt(rloo["new_tokens_per_s"], ".0f"),
-                         fmt(gen["new_tokens_per_s"], ".0f"), fmt(rloo["new_tokens_per_s"] / gen["new_tokens_per_s"], ".2f") + "x"))
+                         fmt(gen["new_tokens_per_s"], ".0f"), ratio(rloo["new_tokens_per_s"], gen["new_tokens_per_s"])))
         if rloo:
             rows.append(("RLOO step s (lower is better)", fmt(rloo["step"], ".2f"), fmt(trl_r["step"], ".2f") if trl_r else missing,
-                         fmt(rloo["step"] / trl_r["step"], ".2f") + "x" if trl_r else "-"))
+                         ratio(rloo["step"], trl_r and trl_r["step"])))
             rows.append(("  split: generate / score / ref+values / train s",
                          " / ".join(fmt(rloo[k], ".2f") for k in ("generate", "score", "reference_and_values", "train")), "", ""))
         if gae:
