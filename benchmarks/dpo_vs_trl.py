@@ -7,11 +7,16 @@ the same loss on the same batches, so the curves must agree closely).
 
     pip install -e '.[bench]'                       # TRL 1.16 and its dependencies
     python benchmarks/dpo_vs_trl.py                 # CPU: bundled SmolLM2, 4 pairs/step, max_length 128
+    python benchmarks/dpo_vs_trl.py --defaults --also-rlhfkit-precompute --steps 12   # + each one's defaults
     python benchmarks/dpo_vs_trl.py --device cuda --model qwen2.5-0.5b-random --pairs 8 --max-length 512
 
-Settings are stated explicitly on both sides: fp32 on CPU (TRL 1.16 turns on bf16 and gradient
-checkpointing by default), bf16 autocast on CUDA, no gradient checkpointing, linear schedule without
-warm-up, AdamW (0.9, 0.999, 1e-8), no weight decay, grad-norm clip 1.0, sequential data order.
+Pinned runs (the default) state the same work on both sides: fp32 on CPU (TRL 1.16 turns on bf16 and
+gradient checkpointing by default), bf16 autocast on CUDA, no gradient checkpointing, both sequences of
+a pair padded (rlhfkit's `dpo.share_prompt=false`), linear schedule without warm-up, AdamW (0.9, 0.999,
+1e-8), no weight decay, grad-norm clip 1.0, sequential data order. `--defaults` adds one run of each
+trainer with its own defaults for everything else (TRL: bf16, gradient checkpointing, live reference;
+rlhfkit: precomputed reference, the prompt computed once, bf16 autocast on CPUs with native bf16), and
+prints how far rlhfkit's default losses are from its pinned fp32 ones on the same batches.
 """
 
 from __future__ import annotations
@@ -95,10 +100,12 @@ def run_rlhfkit(args: argparse.Namespace, folder: str, data: str, out: str) -> d
         f"model.name={folder}", f"model.device={args.device}", f"data.train={data}", "data.chat_template=never",
         "data.shuffle=false", "data.group_by_length=false", "data.eval_fraction=0", f"data.max_length={args.max_length}",
         f"train.batch_size={args.pairs}", f"train.max_steps={args.steps}", f"train.lr={args.lr}", "train.scheduler=linear",
-        "train.warmup_ratio=0", f"train.mixed_precision={'bf16' if args.device == 'cuda' else 'no'}",
-        f"dpo.beta={args.beta}", f"dpo.precompute_ref={'true' if args.ref == 'precompute' else 'false'}",
+        "train.warmup_ratio=0", f"dpo.beta={args.beta}",
         "progress=false", "tensorboard=false", f"output_dir={run / 'run'}", "train.save_total_limit=1",
     ]
+    if args.mode == "pinned":  # TRL's work: both sequences of a pair padded, fp32 on CPU
+        overrides += [f"train.mixed_precision={'bf16' if args.device == 'cuda' else 'no'}", "dpo.share_prompt=false",
+                      f"dpo.precompute_ref={'true' if args.ref == 'precompute' else 'false'}"]
     t0 = time.perf_counter()
     train(load_config(DPOConfig, None, overrides))
     total = time.perf_counter() - t0
@@ -127,12 +134,14 @@ def run_trl(args: argparse.Namespace, folder: str, data: str, out: str) -> dict:
         def _get_train_sampler(self, *a, **k):  # noqa: ANN002, ANN003, ANN202 - same order as rlhfkit's
             return SequentialSampler(self.train_dataset)
 
+    # pinned: fp32 on CPU, no gradient checkpointing; defaults: TRL's own (bf16, gradient checkpointing, live ref)
+    pinned = {"bf16": args.device == "cuda", "fp16": False, "gradient_checkpointing": False,
+              "precompute_ref_log_probs": args.ref == "precompute"} if args.mode == "pinned" else {}
     cfg = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-dpo-bench-"), per_device_train_batch_size=args.pairs, max_length=args.max_length,
         learning_rate=args.lr, beta=args.beta, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, max_steps=args.steps, logging_steps=1, save_strategy="no", report_to="none",
-        bf16=args.device == "cuda", fp16=False, gradient_checkpointing=False, use_cpu=args.device == "cpu",
-        dataloader_num_workers=0, precompute_ref_log_probs=args.ref == "precompute", seed=0,
+        use_cpu=args.device == "cpu", dataloader_num_workers=0, seed=0, **pinned,
     )
     trainer = Sequential(model=load(), ref_model=load(), args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok)
     marks: list[float] = []
@@ -179,7 +188,11 @@ def main() -> None:
     p.add_argument("--ref", default="live", choices=["live", "precompute"], help="reference for BOTH trainers")
     p.add_argument("--also-rlhfkit-precompute", action="store_true",
                    help="also time rlhfkit with its default precomputed reference (TRL stays live)")
+    p.add_argument("--defaults", action="store_true",
+                   help="also run each trainer with its own defaults (TRL: bf16 autocast, gradient checkpointing, live "
+                        "reference; rlhfkit: precomputed reference, shared prompt, bf16 where the CPU has it)")
     p.add_argument("--skip-trl", action="store_true", help="time rlhfkit alone (TRL not installed)")
+    p.add_argument("--mode", choices=["pinned", "defaults"], default="pinned", help=argparse.SUPPRESS)
     p.add_argument("--side", choices=["rlhfkit", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -208,24 +221,34 @@ def main() -> None:
     base = [sys.executable, __file__, "--device", args.device, "--model", args.model, "--pairs", str(args.pairs),
             "--max-length", str(args.max_length), "--steps", str(args.steps), "--lr", str(args.lr), "--beta", str(args.beta),
             "--data", str(data)]
-    runs = ([] if args.skip_trl else [("trl", "trl", args.ref)]) + [("rlhfkit", "rlhfkit", args.ref)]
+    # (label, side, reference, mode): "pinned" = the same work on both sides, "defaults" = each tool's own
+    runs = ([] if args.skip_trl else [("trl", "trl", args.ref, "pinned")]) + [("rlhfkit", "rlhfkit", args.ref, "pinned")]
     if args.also_rlhfkit_precompute and args.ref == "live":
-        runs.append(("rlhfkit (precomputed ref)", "rlhfkit", "precompute"))
+        runs.append(("rlhfkit (precomputed ref)", "rlhfkit", "precompute", "pinned"))
+    if args.defaults:
+        runs += ([] if args.skip_trl else [("trl (defaults)", "trl", "live", "defaults")])
+        runs.append(("rlhfkit (defaults)", "rlhfkit", "precompute", "defaults"))
     results = {}
-    for label, side, ref in runs:
-        out = work / f"{label.split()[0]}-{ref}.json"
+    for i, (label, side, ref, mode) in enumerate(runs):
+        out = work / f"run{i}.json"
         print(f"running {label} ...", flush=True)
-        subprocess.run([*base, "--side", side, "--ref", ref, "--out", str(out)], check=True)
+        subprocess.run([*base, "--side", side, "--ref", ref, "--mode", mode, "--out", str(out)], check=True)
         results[label] = json.loads(out.read_text())
 
     print(f"\nDPO, {args.model} on {args.device}: {args.pairs} pairs/step, max_length {args.max_length}, "
           f"reference {args.ref}, {args.steps} steps (median over steps {args.warmup + 1}..{args.steps})")
-    print(f"{'trainer':<28}{'s/step':>10}{'pairs/s':>10}{'peak MB':>10}{'vs TRL':>9}")
     trl_step = median(results["trl"]["step_s"][args.warmup:]) if "trl" in results else None
+    trl_default = median(results["trl (defaults)"]["step_s"][args.warmup:]) if "trl (defaults)" in results else None
+    print(f"{'trainer':<28}{'s/step':>10}{'pairs/s':>10}{'peak MB':>10}{'vs TRL':>9}{'vs TRL defaults':>17}")
     for label, r in results.items():
         s = median(r["step_s"][args.warmup:])
         ratio = f"{s / trl_step:>8.2f}x" if trl_step else f"{'-':>9}"
-        print(f"{label:<28}{s:>10.3f}{args.pairs / s:>10.2f}{r['peak_mb']:>10.0f}{ratio}")
+        ratio_d = f"{s / trl_default:>16.2f}x" if trl_default else f"{'-':>17}"
+        print(f"{label:<28}{s:>10.3f}{args.pairs / s:>10.2f}{r['peak_mb']:>10.0f}{ratio}{ratio_d}")
+    if "rlhfkit (defaults)" in results:
+        a, b = results["rlhfkit (defaults)"]["losses"], results["rlhfkit"]["losses"]
+        print(f"\nrlhfkit defaults vs rlhfkit pinned (same batches), max |loss diff| over {len(a)} steps: "
+              f"{max(abs(x - y) for x, y in zip(a, b)):.2e} (steps: " + ", ".join(f"{x:.4f}/{y:.4f}" for x, y in zip(a[:6], b)) + ")")
     if "trl" in results:
         a, b = results["rlhfkit"]["losses"], results["trl"]["losses"]
         diffs = [abs(x - y) for x, y in zip(a, b)]

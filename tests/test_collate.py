@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfkit.data.collate import PackedRow, pack_examples, packed_batch, pad_batch
+from rlhfkit.data.collate import (
+    CHOSEN,
+    PAD,
+    PREFIX,
+    REJECTED,
+    PackedRow,
+    pack_examples,
+    packed_batch,
+    pad_batch,
+    shared_prompt_batch,
+)
 from rlhfkit.data.sampler import BatchSampler
 from rlhfkit.data.tokenize import IGNORE, TokenizedExample
 
@@ -238,3 +248,61 @@ def test_sampler_needs_items():
     with pytest.raises(ValueError) as info:
         BatchSampler(0, 3, seed=0)
     assert str(info.value) == "BatchSampler needs at least one item"
+
+
+# --------------------------------------------------------------------------------------------------
+# shared_prompt_batch (DPO: the prompt once, then both responses)
+
+
+def test_shared_prompt_layout_by_hand():
+    # Pair 0: prompt [1, 2], chosen [3, 4], rejected [5]. Pair 1: prompt [6], chosen [7], rejected [8, 9].
+    chosen = [ex([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4]), ex([6, 7], [IGNORE, 7])]
+    rejected = [ex([1, 2, 5], [IGNORE, IGNORE, 5]), ex([6, 8, 9], [IGNORE, 8, 9])]
+    b = shared_prompt_batch(chosen, rejected, pad_id=0)
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert b.segments.tolist() == [[PREFIX, PREFIX, CHOSEN, CHOSEN, REJECTED], [PREFIX, CHOSEN, REJECTED, REJECTED, PAD]]
+    # The rejected response continues from the prompt's end, as in its own sequence.
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]
+    # (row, predicting position, target, sequence): the prompt's last token predicts both first tokens.
+    got = sorted(zip(b.rows.tolist(), b.keep[b.cols].tolist(), b.targets.tolist(), b.seq.tolist()))
+    assert got == sorted([(0, 1, 3, 0), (0, 2, 4, 0), (0, 1, 5, 2),
+                          (1, 0, 7, 1), (1, 0, 8, 3), (1, 2, 9, 3)])
+    assert b.keep.tolist() == [0, 1, 2]  # no logits at positions that predict nothing
+    assert b.num_tokens == 9
+
+
+def test_shared_prompt_attention_mask():
+    chosen = [ex([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4])]
+    rejected = [ex([1, 2, 5, 6], [IGNORE, IGNORE, 5, 6])]
+    b = shared_prompt_batch(chosen + [ex([7, 8], [IGNORE, 8])], rejected + [ex([7, 9], [IGNORE, 9])], pad_id=0)
+    m = b.attention_mask()
+    assert m.shape == (2, 1, 6, 6) and m.dtype == torch.bool
+    assert m[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],  # chosen: the prompt and itself
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],  # rejected: the prompt and itself, never the chosen tokens
+        [1, 1, 0, 0, 1, 1],
+    ]
+    # Padding attends to itself only (no empty query row) and nothing attends to it.
+    assert m[1, 0, 3:, 3:].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert not m[1, 0, :3, 3:].any()
+    additive = b.attention_mask(torch.float32)
+    assert additive.dtype == torch.float32
+    assert ((additive == 0) == m).all() and (additive[~m] == torch.finfo(torch.float32).min).all()
+
+
+def test_shared_prompt_without_common_prefix_or_with_truncated_prompts():
+    # Left truncation gave the two sequences different first tokens: nothing is shared, both still scored.
+    chosen, rejected = ex([1, 2, 3], [IGNORE, IGNORE, 3]), ex([9, 2, 4], [IGNORE, IGNORE, 4])
+    b = shared_prompt_batch([chosen], [rejected], pad_id=0)
+    assert b.input_ids.tolist() == [[1, 2, 3, 9, 2, 4]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 0, 1, 2]]
+    assert sorted(zip(b.keep[b.cols].tolist(), b.targets.tolist(), b.seq.tolist())) == [(1, 3, 0), (4, 4, 1)]
+    # A response that starts with the same token as the other does not join the prompt.
+    chosen, rejected = ex([1, 5, 6], [IGNORE, 5, 6]), ex([1, 5, 7], [IGNORE, 5, 7])
+    b = shared_prompt_batch([chosen], [rejected], pad_id=0)
+    assert b.segments.tolist() == [[PREFIX, CHOSEN, CHOSEN, REJECTED, REJECTED]]
+    with pytest.raises(ValueError, match="no response tokens"):
+        shared_prompt_batch([ex([1, 2], [IGNORE, IGNORE])], [ex([1, 2], [IGNORE, IGNORE])], pad_id=0)

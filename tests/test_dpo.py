@@ -187,3 +187,76 @@ def test_dpo_torchrun_two_processes(tmp_path: Path) -> None:
     a, b = _losses(tmp_path / "ddp"), _losses(tmp_path / "one")
     for step in (1, 2, 3):
         assert a[step] == pytest.approx(b[step], abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared-prompt batches: the prompt computed once must give the padded layout's log-probs and gradients
+
+
+def _tokenized_pairs(tokenizer, **kw):  # noqa: ANN001, ANN003, ANN202
+    from rlhfkit.data.formats import Sample
+    from rlhfkit.data.tokenize import tokenize_preference
+
+    rows = [("Describe the cafe.", "It is lovely and warm.", "Bad."),
+            ("Tell me, in a few words, what you think of the long train ride home?", "Fine.", "It was a terrible ride."),
+            ("Hi", "Hello there, friend!", "Hello there, enemy!")]  # both responses begin with the same tokens
+    return [tokenize_preference(Sample(f"r{i}", prompt=p, chosen=c, rejected=r), tokenizer, **{"max_length": 64, **kw})
+            for i, (p, c, r) in enumerate(rows)]
+
+
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("mistral", "eager")])
+def test_shared_prompt_logps_and_grads_match_padded(tokenizer, arch: str, attn: str) -> None:
+    import torch
+
+    from rlhfkit.models.tiny import build_tiny
+    from rlhfkit.recipes.dpo import _pair_batch, pair_logps, shared_prompt_problem
+
+    model = build_tiny(arch, tokenizer)
+    model.config._attn_implementation = attn
+    assert shared_prompt_problem(model, 128) is None
+    for kw in ({}, {"max_length": 50}, {"chat_template": "never"}):  # 50: responses cut short
+        pairs = _tokenized_pairs(tokenizer, **kw)
+        results = []
+        for share in (False, True):
+            model.zero_grad(set_to_none=True)
+            logps, counts = pair_logps(model, _pair_batch(pairs, tokenizer.pad_token_id, model.device, share), None, 8)
+            (logps * torch.arange(1.0, 7.0)).sum().backward()  # a different weight per sequence
+            results.append((logps.detach(), counts, [p.grad.clone() for p in model.parameters()]))
+        (a, ca, ga), (b, cb, gb) = results
+        assert ca.tolist() == cb.tolist()
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-5), (a, b)
+        for x, y in zip(ga, gb):
+            assert torch.allclose(x, y, atol=1e-5, rtol=1e-3)
+
+
+def test_shared_prompt_under_lora_and_fallbacks(tokenizer) -> None:
+    import torch
+
+    from rlhfkit.models.load import LoraConfig, apply_lora
+    from rlhfkit.models.tiny import build_tiny
+    from rlhfkit.recipes.dpo import _pair_batch, pair_logps, shared_prompt_problem
+
+    model = apply_lora(build_tiny("llama", tokenizer), LoraConfig(enabled=True, r=4))
+    pairs = _tokenized_pairs(tokenizer)
+    a, _ = pair_logps(model, _pair_batch(pairs, tokenizer.pad_token_id, torch.device("cpu"), False), None, 16)
+    b, _ = pair_logps(model, _pair_batch(pairs, tokenizer.pad_token_id, torch.device("cpu"), True), None, 16)
+    assert torch.allclose(a, b, atol=1e-4)
+    model = build_tiny("mistral", tokenizer)
+    model.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in shared_prompt_problem(model, 128)
+    model.config._attn_implementation = "sdpa"
+    model.config.sliding_window = 64
+    assert "sliding-window" in shared_prompt_problem(model, 128)
+    assert shared_prompt_problem(model, 64) is None
+
+
+def test_share_prompt_on_and_off_train_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path / "cache"))
+    data = make_pairs(tmp_path / "pairs.jsonl", n=16)
+    for mode in ("true", "false"):
+        train(load_config(DPOConfig, None, tiny_args(data, tmp_path / mode, "train.max_steps=4", f"dpo.share_prompt={mode}",
+                                                     "train.mixed_precision=no")))
+    for key in ("train/loss", "train/rewards/margins", "eval/rewards/accuracies", "train/grad_norm"):
+        on, off = _losses(tmp_path / "true", key), _losses(tmp_path / "false", key)
+        assert on.keys() == off.keys()
+        assert list(on.values()) == pytest.approx(list(off.values()), abs=1e-5), key

@@ -15,7 +15,7 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
-    for measure in ("DPO pairs/s, live reference", "DPO pairs/s, precomputed reference (default)",
+    for measure in ("DPO pairs/s, same work (live reference, padded)", "DPO pairs/s, each trainer's defaults",
                     "rollout new tokens/s (engine vs model.generate)", "RLOO step s", "PPO (GAE, value head) step s"):
         line = next((x for x in out.splitlines() if x.startswith(f"| {measure}")), None)
         assert line is not None, f"no row {measure!r} in:\n{out}"

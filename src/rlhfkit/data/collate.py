@@ -77,3 +77,110 @@ def packed_batch(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
         position_ids[i, :n] = torch.tensor(r.position_ids)
         position_ids[i, n:] = torch.arange(longest - n)  # padding forms its own block
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference pairs with the prompt computed once
+
+PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+"""Segment ids of a shared-prompt row."""
+
+
+@dataclass
+class SharedPromptBatch:
+    """B pairs, one row each: `prompt | chosen response | rejected response`, right-padded to T.
+
+    The rejected tokens attend to the prompt and to themselves, never to the chosen tokens, and their
+    positions continue from the prompt's end, so each response sees exactly the context it has in its
+    own prompt+response sequence: the same log-probs as two padded rows, with the prompt's tokens
+    computed once and no pad rows. `keep` lists the positions whose logits are needed (the union over
+    rows of the positions that predict a response token); `rows`/`cols`/`targets`/`seq` describe
+    each predicted token: its row, its column in `keep`, its token id, and its sequence in the padded
+    layout's order (pair i's chosen = i, its rejected = B + i).
+    """
+
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    segments: torch.Tensor  # (B, T) PREFIX / CHOSEN / REJECTED / PAD
+    keep: torch.Tensor  # (K,) sorted positions
+    rows: torch.Tensor  # (N,)
+    cols: torch.Tensor  # (N,) index into keep
+    targets: torch.Tensor  # (N,)
+    seq: torch.Tensor  # (N,) in [0, 2B)
+
+    def attention_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(B, 1, T, T) mask: bool (True = attend) or, with `dtype`, additive (0 / dtype's min).
+
+        Pad positions attend to themselves only, so no query row is empty (an all-masked row gives
+        NaN in sdpa, and NaN activations poison the weight gradients even where the loss ignores them).
+        """
+        seg = self.segments
+        t = seg.size(1)
+        causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+        sq, sk = seg[:, :, None], seg[:, None, :]
+        allowed = causal & ((sk == PREFIX) | (sk == sq)) & (sk != PAD)
+        allowed |= torch.eye(t, dtype=torch.bool, device=seg.device) & (sq == PAD)
+        allowed = allowed[:, None]
+        if dtype is None:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def to(self, device: torch.device) -> SharedPromptBatch:
+        return SharedPromptBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.segments != PAD).sum())
+
+
+def _shared_prefix(chosen: TokenizedExample, rejected: TokenizedExample) -> int:
+    """Length of the common prompt: the common prefix of both sequences, up to either's first label."""
+    limit = min(len(chosen.input_ids), len(rejected.input_ids))
+    for ex in (chosen, rejected):
+        first = next((j for j, lab in enumerate(ex.labels) if lab != IGNORE), len(ex.labels))
+        limit = min(limit, first)
+    n = 0
+    while n < limit and chosen.input_ids[n] == rejected.input_ids[n]:
+        n += 1
+    return n
+
+
+def shared_prompt_batch(chosen: list[TokenizedExample], rejected: list[TokenizedExample], pad_id: int) -> SharedPromptBatch:
+    """Lay out pairs as `SharedPromptBatch` rows; `chosen[i]` and `rejected[i]` form pair i.
+
+    Labels follow `token_logprobs`: token j of a sequence is predicted by position j - 1 of that
+    sequence (a label at position 0 predicts nothing). In the row, the chosen sequence keeps its
+    positions and the rejected sequence's tokens after the prompt move up by the chosen response's
+    length; position P - 1 (the prompt's last token) predicts the first response token of both.
+    """
+    b = len(chosen)
+    layout = []
+    for c, r in zip(chosen, rejected):
+        p = _shared_prefix(c, r)
+        layout.append((p, c.input_ids[p:], r.input_ids[p:], c, r))
+    longest = max(p + len(cs) + len(rs) for p, cs, rs, _, _ in layout)
+    input_ids = torch.full((b, longest), pad_id, dtype=torch.long)
+    segments = torch.full((b, longest), PAD, dtype=torch.long)
+    position_ids = torch.zeros((b, longest), dtype=torch.long)
+    entries: list[tuple[int, int, int, int]] = []  # row, row position, target, sequence
+    for i, (p, cs, rs, c, r) in enumerate(layout):
+        ids = c.input_ids[:p] + cs + rs
+        n = len(ids)
+        input_ids[i, :n] = torch.tensor(ids)
+        segments[i, p : p + len(cs)] = CHOSEN
+        segments[i, :p] = PREFIX
+        segments[i, p + len(cs) : n] = REJECTED
+        position_ids[i, :n] = torch.tensor(list(range(p + len(cs))) + list(range(p, p + len(rs))))
+        position_ids[i, n:] = torch.arange(longest - n)
+        for ex, shift, seq in ((c, 0, i), (r, len(cs), b + i)):
+            for j in range(1, len(ex.labels)):
+                if ex.labels[j] != IGNORE:
+                    before = j - 1
+                    entries.append((i, before if before < p else before + shift, ex.labels[j], seq))
+    if not entries:
+        raise ValueError("no response tokens to score in this batch")
+    keep = sorted({pos for _, pos, _, _ in entries})
+    col = {pos: k for k, pos in enumerate(keep)}
+    rows, positions, targets, seq = (list(x) for x in zip(*entries))
+    return SharedPromptBatch(input_ids, position_ids, segments, torch.tensor(keep), torch.tensor(rows),
+                             torch.tensor([col[q] for q in positions]), torch.tensor(targets), torch.tensor(seq))

@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from rlhfkit.config import opt, section
-from rlhfkit.data.collate import pad_batch
+from rlhfkit.data.collate import SharedPromptBatch, pad_batch, shared_prompt_batch
 from rlhfkit.data.config import DataConfig, load_train_eval
 from rlhfkit.data.sampler import BatchSampler, check_batch_size
 from rlhfkit.data.tokenize import PairExample, tokenize_preference
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.dpo import chosen_nll, dpo_loss
-from rlhfkit.losses.logprobs import sequence_logprobs
+from rlhfkit.losses.logprobs import selected_logprobs, sequence_logprobs
 from rlhfkit.models.bundled import cache_dir
 from rlhfkit.models.load import (
     LoraConfig,
@@ -40,7 +41,7 @@ from rlhfkit.models.load import (
     load_tokenizer,
 )
 from rlhfkit.models.save import save_final_model
-from rlhfkit.models.wrap import reference_mode, unwrap
+from rlhfkit.models.wrap import base_model, reference_mode, unwrap
 from rlhfkit.runtime.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -68,6 +69,9 @@ class DPOLossConfig:
                             "answers (and their end-of-turn token) likely; 0 = off", ge=0.0)
     precompute_ref: bool = opt(True, "compute reference log-probs once before training and cache them on disk")
     ref_model: str = opt("", "reference model spec; empty = the starting policy (base weights under LoRA)")
+    share_prompt: bool = opt(True, "one row per pair: the prompt computed once, then the chosen and the rejected "
+                             "response under a custom attention mask, logits only where a response token is "
+                             "predicted (false, or a flash-attention model: two padded rows per pair)")
     logprob_chunk: int = opt(128, "positions per chunk when computing log-probs (bounds float32 memory)", gt=0)
 
     def validate(self) -> None:
@@ -88,30 +92,81 @@ class DPOConfig(RunConfig):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, batch_size=4),
                                metadata={"help": "optimization (batch_size counts pairs)"})
 
+    CPU_BF16_AUTO: ClassVar[bool] = True
+    """train.mixed_precision=auto autocasts to bf16 on CPUs with native bf16 (benchmarks/RESULTS.md: DPO)."""
+
 
 # --------------------------------------------------------------------------------------------------
 # Log-probs
 
 
-def _pair_batch(pairs: list[PairExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Chosen rows first, then rejected rows: one forward of 2B sequences (B, T) each half."""
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")
+"""Attention kernels that take the custom 4D mask of a shared-prompt batch (flash-attention 2 does not)."""
+
+
+def shared_prompt_problem(model: torch.nn.Module, max_row: int) -> str | None:
+    """Why `model` cannot run shared-prompt batches of rows up to `max_row` tokens, or None when it can."""
+    base = base_model(model)
+    config = base.config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in SHARED_PROMPT_ATTENTION:
+        return f"attention {impl!r} takes no custom 4D mask (needs {' or '.join(SHARED_PROMPT_ATTENTION)})"
+    window = getattr(config, "sliding_window", None)
+    sliding = getattr(config, "use_sliding_window", True) is not False and (
+        "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"]))
+    if window and sliding and window < max_row:
+        return f"sliding-window attention ({window} tokens) is not expressed by the custom mask of {max_row}-token rows"
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward has no logits_to_keep argument"
+    return None
+
+
+def _pair_batch(pairs: list[PairExample], pad_id: int, device: torch.device,
+                share: bool) -> dict[str, torch.Tensor] | SharedPromptBatch:
+    """`share`: one `SharedPromptBatch` row per pair. Otherwise chosen rows first, then rejected rows,
+    right-padded: one forward of 2B sequences (B, T) each half."""
+    if share:
+        return shared_prompt_batch([p.chosen for p in pairs], [p.rejected for p in pairs], pad_id).to(device)
     batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: torch.dtype | None,
+def _batch_tokens(pairs: list[PairExample]) -> int:
+    """Tokens of both sequences of every pair (the prompt counted twice), whatever the layout."""
+    return sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor] | SharedPromptBatch, amp: torch.dtype | None,
                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed response log-probs (2B,), response token counts (2B,)) for a `_pair_batch`."""
+    """(summed response log-probs (2B,), response token counts (2B,)) for a `_pair_batch`, chosen first."""
+    if isinstance(batch, SharedPromptBatch):
+        return shared_pair_logps(model, batch, amp, chunk)
     device = batch["input_ids"].device
     with autocast(device, amp):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return sequence_logprobs(logits, batch["labels"], chunk_size=chunk)
 
 
+def shared_pair_logps(model: torch.nn.Module, batch: SharedPromptBatch, amp: torch.dtype | None,
+                      chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pair_logps` of a `SharedPromptBatch`: logits only at the positions that predict a response token."""
+    device = batch.input_ids.device
+    sdpa = getattr(base_model(model).config, "_attn_implementation", None) == "sdpa"
+    mask = batch.attention_mask(None if sdpa else torch.float32)  # eager adds the mask to its scores
+    with autocast(device, amp):
+        logits = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                       logits_to_keep=batch.keep, use_cache=False).logits  # (B, K, V)
+    picked = logits[batch.rows, batch.cols]  # (N, V)
+    logps = selected_logprobs(picked[None], batch.targets[None], chunk_size=chunk)[0]  # (N,)
+    n = 2 * batch.input_ids.size(0)
+    sums = torch.zeros(n, dtype=logps.dtype, device=device).index_add(0, batch.seq, logps)
+    return sums, torch.bincount(batch.seq, minlength=n)
+
+
 @torch.no_grad()
 def compute_reference(model: torch.nn.Module, ref_model: torch.nn.Module | None, pairs: list[PairExample], *,
                       batch_size: int, pad_id: int, device: torch.device, amp: torch.dtype | None, chunk: int,
-                      info: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+                      info: DistInfo, share: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs of every pair, each rank computing a shard: ((N,), (N,)) chosen, rejected."""
     chosen = torch.zeros(len(pairs), dtype=torch.float64)
     rejected = torch.zeros(len(pairs), dtype=torch.float64)
@@ -121,7 +176,7 @@ def compute_reference(model: torch.nn.Module, ref_model: torch.nn.Module | None,
         ref.eval()
         for start in range(0, len(mine), batch_size):
             idx = mine[start : start + batch_size]
-            logps, _ = pair_logps(ref, _pair_batch([pairs[i] for i in idx], pad_id, device), amp, chunk)
+            logps, _ = pair_logps(ref, _pair_batch([pairs[i] for i in idx], pad_id, device, share), amp, chunk)
             n = len(idx)
             chosen[idx] = logps[:n].double().cpu()
             rejected[idx] = logps[n:].double().cpu()
@@ -129,10 +184,12 @@ def compute_reference(model: torch.nn.Module, ref_model: torch.nn.Module | None,
     return all_reduce_sum(chosen, info).float(), all_reduce_sum(rejected, info).float()
 
 
-def reference_cache_key(ref: torch.nn.Module, pairs: list[PairExample], amp: torch.dtype | None) -> str:
-    """Hash of the reference weights (base weights under LoRA), the tokenized pairs and the precision."""
+def reference_cache_key(ref: torch.nn.Module, pairs: list[PairExample], amp: torch.dtype | None,
+                        share: bool = False) -> str:
+    """Hash of the reference weights (base weights under LoRA), the tokenized pairs, the precision and
+    the batch layout (the two layouts agree to float rounding, not bit for bit)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"rlhfkit-ref-logps-v1|{amp}".encode())
+    h.update(f"rlhfkit-ref-logps-v1|{amp}{'|shared' if share else ''}".encode())
     for name, tensor in sorted(unwrap(ref).state_dict().items()):
         if "lora_" in name:
             continue
@@ -150,7 +207,8 @@ def cached_reference(model: torch.nn.Module, ref_model: torch.nn.Module | None, 
                      **kwargs: object) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Reference log-probs from `$RLHFKIT_CACHE/ref_logps/<key>.safetensors`, computing them on a miss."""
     info: DistInfo = kwargs["info"]  # type: ignore[assignment]
-    key = reference_cache_key(ref_model if ref_model is not None else model, pairs, kwargs["amp"])  # type: ignore[arg-type]
+    key = reference_cache_key(ref_model if ref_model is not None else model, pairs, kwargs["amp"],  # type: ignore[arg-type]
+                              bool(kwargs.get("share", False)))
     path = cache_dir() / "ref_logps" / f"{key}.safetensors"
     if path.is_file():
         t = load_file(str(path))
@@ -214,13 +272,14 @@ def _loss(cfg: DPOConfig, logps: torch.Tensor, counts: torch.Tensor, ref_c: torc
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, pairs: list[PairExample], ref: tuple[torch.Tensor, torch.Tensor], cfg: DPOConfig,
-             pad_id: int, device: torch.device, amp: torch.dtype | None, info: DistInfo) -> dict[str, float]:
+             pad_id: int, device: torch.device, amp: torch.dtype | None, info: DistInfo,
+             share: bool = False) -> dict[str, float]:
     model.eval()
     totals = torch.zeros(len(SUMS), dtype=torch.float64)
     mine = list(range(info.rank, len(pairs), info.world_size))
     for start in range(0, len(mine), cfg.train.eval_batch_size):
         idx = mine[start : start + cfg.train.eval_batch_size]
-        logps, counts = pair_logps(model, _pair_batch([pairs[i] for i in idx], pad_id, device), amp, cfg.dpo.logprob_chunk)
+        logps, counts = pair_logps(model, _pair_batch([pairs[i] for i in idx], pad_id, device, share), amp, cfg.dpo.logprob_chunk)
         rc, rr = ref[0][idx].to(device), ref[1][idx].to(device)
         losses, cr, rj = _loss(cfg, logps, counts, rc, rr)
         totals += _stats(losses, cr, rj, logps[: len(idx)], logps[len(idx) :])
@@ -250,6 +309,8 @@ class _Setup:
     ref: tuple[torch.Tensor, torch.Tensor] | None
     """Precomputed reference log-probs of the training pairs ((N,) chosen, (N,) rejected)."""
     eval_ref: tuple[torch.Tensor, torch.Tensor] | None
+    share: bool
+    """Shared-prompt batches (dpo.share_prompt, and the model supports them)."""
 
 
 def _setup(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistInfo) -> _Setup:
@@ -259,7 +320,7 @@ def _setup(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
     d = cfg.data
     if not d.train.strip():
         raise ConfigError("data.train", "expected a preference data file or dataset name (prompt, chosen, rejected)")
-    amp = autocast_dtype(cfg.train.mixed_precision, device)
+    amp = autocast_dtype(cfg.train.mixed_precision, device, cpu_bf16=cfg.CPU_BF16_AUTO)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision)
     tok = partial(tokenize_preference, tokenizer=tokenizer, max_length=d.max_length, chat_template=d.chat_template,
                   truncation=d.truncation)
@@ -283,8 +344,14 @@ def _setup(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
         model = apply_lora(model, cfg.lora)
     # Reference log-probs come first: on resume the checkpoint's weights are loaded into the policy
     # next, and a full fine-tune's precomputed reference is the policy as it is now.
+    share = cfg.dpo.share_prompt
+    if share:
+        problem = next(filter(None, (shared_prompt_problem(m, 2 * d.max_length) for m in (model, ref_model) if m is not None)), None)
+        if problem:
+            print0(info, f"dpo.share_prompt: {problem}; using two padded rows per pair")
+            share = False
     ref_kwargs = {"batch_size": cfg.train.eval_batch_size, "pad_id": tokenizer.pad_token_id, "device": device,
-                  "amp": amp, "chunk": cfg.dpo.logprob_chunk, "info": info}
+                  "amp": amp, "chunk": cfg.dpo.logprob_chunk, "share": share, "info": info}
     ref, eval_ref = None, None
     if cfg.dpo.precompute_ref:
         t0 = time.perf_counter()
@@ -305,7 +372,7 @@ def _setup(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
         print0(info, f"policy {cfg.model.name}: {trainable:,} trainable / {total:,} parameters; {len(pairs)} train / "
                      f"{len(eval_pairs)} eval pairs; reference: {'precomputed' if cfg.dpo.precompute_ref else 'live'}, "
                      f"{cfg.dpo.ref_model or ('base without adapters' if cfg.lora.enabled else 'starting policy')}")
-    return _Setup(run, model, ref_model, tokenizer, sampler, pairs, eval_pairs, ref, eval_ref)
+    return _Setup(run, model, ref_model, tokenizer, sampler, pairs, eval_pairs, ref, eval_ref, share)
 
 
 def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistInfo) -> Path:
@@ -319,7 +386,7 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
 
     def log_eval(step: int) -> None:
         if s.eval_pairs and s.eval_ref is not None:
-            m = evaluate(ddp, s.eval_pairs, s.eval_ref, cfg, pad_id, device, amp, info)
+            m = evaluate(ddp, s.eval_pairs, s.eval_ref, cfg, pad_id, device, amp, info, s.share)
             run.logger.log(step, m)
             print0(info, f"step {step}: eval loss {m['eval/loss']:.4f}, accuracy {m['eval/rewards/accuracies']:.3f}, "
                          f"margin {m['eval/rewards/margins']:.4f}")
@@ -334,8 +401,8 @@ def _train(cfg: DPOConfig, resume: str | None, device: torch.device, info: DistI
         n_tokens = 0
         for k in range(cfg.train.grad_accum):
             idx = sampler.next()
-            batch = _pair_batch([pairs[i] for i in idx], pad_id, device)
-            n_tokens += int(batch["attention_mask"].sum())
+            batch = _pair_batch([pairs[i] for i in idx], pad_id, device, s.share)
+            n_tokens += _batch_tokens([pairs[i] for i in idx])
             if s.ref is not None:
                 ref_chosen, ref_rejected = s.ref[0][idx].to(device), s.ref[1][idx].to(device)
             else:

@@ -5,6 +5,7 @@ autocast. Recipes keep their own explicit loops and call these (through `runtime
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,8 @@ class TrainConfig:
     min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of lr", ge=0.0, le=1.0)
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0 = no clipping", ge=0.0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
-        "auto", "autocast dtype; auto = bf16 on CUDA GPUs that support it, otherwise none"
+        "auto", "autocast dtype; auto = bf16 on CUDA GPUs that support it (and, for dpo, on CPUs with native "
+        "bf16: avx512_bf16 or AMX), otherwise none"
     )
     log_every: int = opt(1, "log train metrics every N steps", gt=0)
     eval_every: int = opt(0, "evaluate every N steps; 0 = before and after training only", ge=0)
@@ -168,13 +170,31 @@ def guarded_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gua
     return grad_norm
 
 
-def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+@functools.cache
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (x86 avx512_bf16 or AMX, read from /proc/cpuinfo).
+
+    Without it, CPU autocast to bf16 converts in software and is slower than float32.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(mode: str, device: torch.device, cpu_bf16: bool = False) -> torch.dtype | None:
+    """The autocast dtype of `train.mixed_precision`; `cpu_bf16`: the recipe's `auto` includes CPUs with
+    native bf16 (DPO: its loss is a difference of log-probs, and bf16 keeps its results; see docs)."""
     if mode == "no":
         return None
     if mode == "fp16" and device.type != "cuda":
         raise ConfigError("train.mixed_precision", f"fp16 autocast needs a CUDA GPU (device is {device}); use bf16 or no")
     if mode == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_bf16 and cpu_native_bf16():
             return torch.bfloat16
         return None
     return torch.bfloat16 if mode == "bf16" else torch.float16

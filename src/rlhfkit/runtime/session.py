@@ -165,7 +165,7 @@ def open_session(cfg: Any, *, model: torch.nn.Module, sampler: BatchSampler, res
     """Build optimizer and schedule for `model` (trained with `cfg.train` over `sampler`), lock the run
     folder, restore the chosen checkpoint on resume, and only then write the run's first files."""
     train: TrainConfig = cfg.train
-    amp = autocast_dtype(train.mixed_precision, device)
+    amp = autocast_dtype(train.mixed_precision, device, cpu_bf16=getattr(cfg, "CPU_BF16_AUTO", False))
     folder = claim_run_dir(cfg.output_dir, resume=resume, overwrite=cfg.overwrite, info=info)
     steps = total_steps(train, sampler.batches_per_epoch())
     optimizer = build_optimizer(model, train)
