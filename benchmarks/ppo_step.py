@@ -49,7 +49,9 @@ def median(xs: list[float]) -> float:
     return xs[len(xs) // 2] if xs else float("nan")
 
 
-def run_rlhfkit(a: argparse.Namespace, folder: str, data: Path, out: Path, advantage: str) -> dict:
+def run_rlhfkit(a: argparse.Namespace, folder: str, data: Path, out: Path, advantage: str, defaults: bool = False) -> dict:
+    """defaults: rlhfkit's own precision (train.mixed_precision=auto: bf16 sampling and training on a CPU
+    with native bf16) instead of the pinned fp32 on CPU / bf16 on CUDA."""
     import torch
 
     from rlhfkit.config import load_config
@@ -62,7 +64,8 @@ def run_rlhfkit(a: argparse.Namespace, folder: str, data: Path, out: Path, advan
             "reward.sources=ppo_step:count_reward", f"ppo.advantage={advantage}", "ppo.epochs=2",
             f"ppo.mini_batch_size={a.prompts * k // 2}", f"ppo.micro_batch_size={a.micro_batch}",
             f"train.batch_size={a.prompts}", f"train.max_steps={a.warmup + a.steps}", "train.lr=1e-6",
-            f"train.mixed_precision={'bf16' if a.device == 'cuda' else 'no'}", "progress=false", "tensorboard=false",
+            f"train.mixed_precision={'auto' if defaults else 'bf16' if a.device == 'cuda' else 'no'}",
+            "progress=false", "tensorboard=false",
             "sample_every=0", "print_samples=0", f"output_dir={out}", "overwrite=true"]
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -112,11 +115,13 @@ tok = AutoTokenizer.from_pretrained(a["folder"])
 def reward(completions, **kw):
     return [c.count("good") / 10.0 for c in completions]
 cuda = a["device"] == "cuda"
+# pinned: bf16 on CUDA only, no gradient checkpointing; defaults: TRL's own (bf16, gradient checkpointing)
+pinned = {} if a["trl_defaults"] else {"bf16": cuda, "fp16": False, "gradient_checkpointing": False}
 args = RLOOConfig(output_dir=a["out"], per_device_train_batch_size=a["prompts"] * a["samples"],
-                  num_generations=a["samples"], max_completion_length=a["new_tokens"], bf16=cuda, fp16=False,
+                  num_generations=a["samples"], max_completion_length=a["new_tokens"],
                   use_cpu=not cuda, report_to="none", logging_steps=1, max_steps=a["warmup"] + a["steps"],
                   save_strategy="no", learning_rate=1e-6, beta=0.05, temperature=1.0, top_k=0,
-                  num_iterations=2, gradient_checkpointing=False,
+                  num_iterations=2, **pinned,
                   model_init_kwargs={"dtype": torch.bfloat16 if cuda else torch.float32},
                   generation_kwargs={"min_new_tokens": a["new_tokens"]})
 tr = RLOOTrainer(model=a["folder"], reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
@@ -135,13 +140,13 @@ print("RESULT " + json.dumps({"steps": steps, "peak_mb": peak}))
 """
 
 
-def run_trl(a: argparse.Namespace, folder: str, data: Path, out: Path) -> dict | None:
+def run_trl(a: argparse.Namespace, folder: str, data: Path, out: Path, defaults: bool = False) -> dict | None:
     try:
         import trl  # noqa: F401
     except ImportError:
         print("TRL is not installed (pip install -e '.[bench]'): skipping the TRL run", flush=True)
         return None
-    payload = {**vars(a), "folder": folder, "data": str(data), "out": str(out)}
+    payload = {**vars(a), "folder": folder, "data": str(data), "out": str(out), "trl_defaults": defaults}
     res = subprocess.run([sys.executable, "-c", TRL_SCRIPT, json.dumps(payload)], capture_output=True, text=True)
     line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
     if res.returncode != 0 or line is None:
@@ -167,6 +172,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--defaults", action="store_true",
+                   help="also run rlhfkit rloo and TRL RLOOTrainer with their own precision defaults (rlhfkit: bf16 on "
+                        "CPUs with native bf16; TRL: bf16 and gradient checkpointing)")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])
@@ -183,6 +191,11 @@ def main() -> None:
     trl_res = None if a.skip_trl else run_trl(a, folder, data, tmp / "trl")
     if trl_res:
         results["TRL RLOOTrainer"] = trl_res
+    if a.defaults:
+        results["rlhfkit rloo (defaults)"] = run_rlhfkit(a, folder, data, tmp / "rloo-defaults", "rloo", defaults=True)
+        trl_d = None if a.skip_trl else run_trl(a, folder, data, tmp / "trl-defaults", defaults=True)
+        if trl_d:
+            results["TRL RLOOTrainer (defaults)"] = trl_d
 
     print("\n| trainer | s/step | generate | score | ref+values | train | new tok/s (gen) | peak MB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -197,6 +210,10 @@ def main() -> None:
     if trl_res:
         print(f"rlhfkit rloo step / TRL RLOOTrainer step: {ours['step'] / trl_res['step']:.2f}x "
               f"(< 1 = rlhfkit faster)")
+    mine_d, theirs_d = results.get("rlhfkit rloo (defaults)"), results.get("TRL RLOOTrainer (defaults)")
+    if mine_d:
+        print(f"rlhfkit rloo defaults: engine vs model.generate {mine_d['new_tokens_per_s'] / gen['new_tokens_per_s']:.2f}x "
+              f"tokens/s" + (f"; step / TRL RLOOTrainer defaults step: {mine_d['step'] / theirs_d['step']:.2f}x" if theirs_d else ""))
     print(json.dumps({"args": vars(a), "results": results}))
 
 

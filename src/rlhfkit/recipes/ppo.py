@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -178,6 +178,9 @@ class PPOConfig(RunConfig):
                                                                    scheduler="constant", eval_batch_size=16),
                                metadata={"help": "optimization (batch_size = prompts per step per process; "
                                                  "max_steps = rollout steps)"})
+
+    CPU_BF16_AUTO: ClassVar[bool] = True
+    """train.mixed_precision=auto autocasts sampling and training to bf16 on CPUs with native bf16."""
 
     def validate(self) -> None:
         super().validate()
@@ -654,9 +657,16 @@ def _setup(cfg: PPOConfig, resume: str | None, device: torch.device, info: DistI
                      f"{' per process' if info.enabled else ''}; advantage={p.advantage}; reward = "
                      + " + ".join(f"{s.weight:g}*{s.name}" for s in sources))
     eos_ids = [-1] if cfg.rollout.ignore_eos else _eos_ids(tokenizer, unwrap(policy))  # -1: no token matches
-    gen = partial(sample, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids, max_new_tokens=cfg.rollout.max_new_tokens,
-                  temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
-                  batch_size=cfg.rollout.batch_size * k, engine=cfg.rollout.engine, compile=cfg.rollout.compile)
+    sampler_fn = partial(sample, pad_id=tokenizer.pad_token_id, eos_ids=eos_ids, max_new_tokens=cfg.rollout.max_new_tokens,
+                         temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+                         batch_size=cfg.rollout.batch_size * k, engine=cfg.rollout.engine, compile=cfg.rollout.compile)
+
+    def gen(policy_: torch.nn.Module, prompt_ids: list[list[int]], **kw: Any) -> Rollout:
+        # Sampling runs under the training autocast too; the old log-probs then come from a training
+        # forward (`_recompute_old_logprobs`), so the first ratio is still 1.
+        with autocast(device, run.amp):
+            return sampler_fn(policy_, prompt_ids, **kw)
+
     return _Setup(run, model, ref_model, tokenizer, sources, sampler, prompts, eval_prompts, gen, kl_ctl, moments, info)
 
 

@@ -35,8 +35,8 @@ class TrainConfig:
     min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of lr", ge=0.0, le=1.0)
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0 = no clipping", ge=0.0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
-        "auto", "autocast dtype; auto = bf16 on CUDA GPUs that support it (and, for dpo, on CPUs with native "
-        "bf16: avx512_bf16 or AMX), otherwise none"
+        "auto", "autocast dtype; auto = bf16 on CUDA GPUs that support it (and, for dpo and ppo, on CPUs with "
+        "native bf16: avx512_bf16 or AMX), otherwise none"
     )
     log_every: int = opt(1, "log train metrics every N steps", gt=0)
     eval_every: int = opt(0, "evaluate every N steps; 0 = before and after training only", ge=0)
@@ -186,7 +186,7 @@ def cpu_native_bf16() -> bool:
 
 def autocast_dtype(mode: str, device: torch.device, cpu_bf16: bool = False) -> torch.dtype | None:
     """The autocast dtype of `train.mixed_precision`; `cpu_bf16`: the recipe's `auto` includes CPUs with
-    native bf16 (DPO: its loss is a difference of log-probs, and bf16 keeps its results; see docs)."""
+    native bf16 (dpo, ppo: benchmarks/RESULTS.md has what bf16 changes in their results)."""
     if mode == "no":
         return None
     if mode == "fp16" and device.type != "cuda":
