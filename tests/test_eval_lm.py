@@ -111,6 +111,25 @@ def test_token_kl_matches_the_log_ratio_of_known_distributions():
 HOSTILE = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
 
 
+def test_answers_are_generated_under_the_chosen_autocast():
+    from rlhfkit.evaluate.lm import answer, prompt_token_ids
+    from rlhfkit.models.load import ModelConfig, load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer("tiny:llama")
+    model = load_causal_lm(ModelConfig(name="tiny:llama", device="cpu"), tokenizer=tok)
+    ids = prompt_token_ids(tok, ["Review a cafe.", "Describe a lamp."])
+    seen: list[torch.dtype] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    try:
+        for mode, dtype in [("no", torch.float32), ("bf16", torch.bfloat16)]:
+            seen.clear()
+            got = answer(model, tok, ids, LMEvalConfig(samples=1, max_new_tokens=3, mixed_precision=mode))
+            assert len(got.greedy) == 2 and [len(g) for g in got.sampled] == [1, 1]
+            assert seen and set(seen) == {dtype}, (mode, set(seen))
+    finally:
+        handle.remove()
+
+
 def test_eval_command_writes_report_summary_and_answers(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
@@ -149,6 +168,8 @@ def test_eval_refuses_bad_inputs_before_loading_models(tmp_path):
     assert bad.returncode == 2 and "--base" in bad.stderr
     bad = run("--model", "tiny:llama", "--base", "tiny:llama", "--runs", str(tmp_path / "nope"))
     assert bad.returncode == 2 and "nope" in bad.stderr
+    bad = run("--model", "tiny:llama", "--base", "tiny:llama", "--mixed-precision", "fp8")
+    assert bad.returncode == 2 and "mixed_precision" in bad.stderr
     assert not (tmp_path / "r").exists()
 
 

@@ -273,13 +273,50 @@ def test_generate_pairs_is_reproducible_for_a_seed(tiny):
         generate_pairs(model, tok, prompts, samples_per_prompt=1)
 
 
+def _head_dtypes(model) -> tuple[list, object]:
+    seen: list = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    return seen, handle
+
+
+def test_generate_pairs_samples_under_the_chosen_autocast(tiny):
+    import torch
+
+    from rlhfkit.runtime.optim import cpu_native_bf16
+
+    model, tok = tiny
+    prompts = ["Describe a cafe.", "Describe a park."]
+    kw = dict(samples_per_prompt=2, max_new_tokens=4, batch_size=4, seed=3)
+    seen, handle = _head_dtypes(model)
+    try:
+        for mode, expected in [("no", torch.float32), ("bf16", torch.bfloat16),
+                               ("auto", torch.bfloat16 if cpu_native_bf16() else torch.float32)]:
+            seen.clear()
+            generate_pairs(model, tok, prompts, mixed_precision=mode, **kw)
+            assert seen and set(seen) == {expected}, (mode, set(seen))
+    finally:
+        handle.remove()
+    assert next(model.parameters()).dtype == torch.float32, "autocast must leave the weights as they are"
+    with pytest.raises(ConfigError, match="mixed_precision.*fp16 autocast needs a CUDA GPU"):
+        generate_pairs(model, tok, prompts, mixed_precision="fp16", **kw)
+    with pytest.raises(ConfigError, match="mixed_precision.*expected auto, no, bf16 or fp16"):
+        generate_pairs(model, tok, prompts, mixed_precision="fp8", **kw)
+
+
 def test_simulate_feedback_end_to_end(tmp_path: Path, plugin: str):
+    from rlhfkit.runtime.optim import cpu_native_bf16
+
     out = tmp_path / "pairs.jsonl"
     stats = simulate_feedback("tiny:llama", "bundled:review_prompts", str(out), annotator="length",
                               annotator_options={"prefer": "longer"}, samples_per_prompt=3, max_new_tokens=8,
                               max_prompts=4, device="cpu")
     assert stats["prompts"] == 4 and stats["pairs"] + stats["ties"] + stats["too_few"] == 4
     assert stats["pairs"] >= 1 and stats["device"] == "cpu" and stats["annotator"] == "length"
+    assert stats["sampling_autocast"] == "none"  # the default: the model's own dtype
+    bf16 = simulate_feedback("tiny:llama", "bundled:review_prompts", str(tmp_path / "auto.jsonl"), annotator="length",
+                             annotator_options={"prefer": "longer"}, samples_per_prompt=3, max_new_tokens=8,
+                             max_prompts=4, device="cpu", mixed_precision="auto")
+    assert bf16["sampling_autocast"] == ("bfloat16" if cpu_native_bf16() else "none")
     samples, problems = validate_rows(load_rows(str(out)), "preference")
     assert problems == [] and len(samples) == stats["pairs"]
     rows = [json.loads(line) for line in out.read_text().splitlines()]

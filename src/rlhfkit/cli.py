@@ -160,6 +160,8 @@ def eval_command(
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device"),
+    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="Autocast of the answering forwards: auto "
+                                        "(bf16 on GPUs and CPUs with native bf16), no, bf16 or fp16."),
     episodes: int = typer.Option(20, "--episodes", min=1, help="--agents: evaluation episodes per run."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="--agents: return that counts as solved "
                                               "(default: each run's eval.target_return)."),
@@ -178,7 +180,7 @@ def eval_command(
                            "(or control-task runs with --agents)")
     settings = [f"prompts={prompts}", f"max_prompts={max_prompts}", f"max_new_tokens={max_new_tokens}",
                 f"samples={samples}", f"temperature={temperature}", f"seed={seed}", f"batch_size={batch_size}",
-                f"device={device}"]
+                f"device={device}", f"mixed_precision={mixed_precision}"]
     eval_lm(base, list(model), [s.strip() for s in scorers.split(",") if s.strip()], output, settings,
             runs=list(runs or []))
 
@@ -266,6 +268,8 @@ def feedback_simulate(
     pairing: str = typer.Option("best_worst", "--pairing", help="best_worst (one pair per prompt) or all pairs."),
     unfinished: str = typer.Option("keep", "--unfinished", help="Answers cut off by the token budget: keep, drop, or "
                                    "trim to the last complete sentence."),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="Autocast of the sampling forwards: no (the "
+                                        "model's dtype), auto (bf16 on GPUs and CPUs with native bf16), bf16 or fp16."),
 ) -> None:
     """Sample answers, label them with a simulated annotator, and write a preference file."""
     from rlhfkit.feedback import simulate_feedback
@@ -275,7 +279,7 @@ def feedback_simulate(
 
     stats = simulate_feedback(model, prompts, output, annotator=annotator, samples_per_prompt=samples_per_prompt,
                               max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, max_prompts=max_prompts,
-                              pairing=pairing, unfinished=unfinished)
+                              pairing=pairing, unfinished=unfinished, mixed_precision=mixed_precision)
     typer.echo(f"wrote {output}: " + ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list))))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from rlhfkit.feedback.pairs import load_prompts, prompt_text
 from rlhfkit.losses.logprobs import token_logprobs
 from rlhfkit.models.heads import pad_right
 from rlhfkit.rollout.generate import Completion, generate
+from rlhfkit.runtime.optim import autocast_dtype
 from rlhfkit.runtime.seeding import isolated_rng
 
 DECODINGS = ("greedy", "sampled")
@@ -58,6 +59,9 @@ class LMEvalConfig:
     length_tolerance: float = opt(0.2, "length-matched win rate: answer lengths within this relative gap", gt=0.0)
     show_samples: int = opt(8, "prompts whose answers are shown side by side in the report", ge=0)
     device: str = opt("auto", "auto, cpu, cuda or mps")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
+        "auto", "autocast of the answering forwards (auto = bf16 on CUDA GPUs that support it and on CPUs with native "
+                "bf16; no = the model's dtype); KL is computed without it")
 
     def validate(self) -> None:
         if not self.scorers:
@@ -82,13 +86,16 @@ def answer(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[list[int]], 
     """Greedy answers, then `cfg.samples` sampled answers per prompt drawn under `cfg.seed` (isolated from
     the caller's RNG), so two models sample with the same random stream."""
     t0 = time.perf_counter()
-    greedy = generate(model, tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    dtype = autocast_dtype(cfg.mixed_precision, next(model.parameters()).device, cpu_bf16=True,
+                           field="mixed_precision")
+    greedy = generate(model, tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                      autocast_dtype=dtype)
     sampled: list[list[Completion]] = [[] for _ in prompt_ids]
     if cfg.samples:
         slots = [ids for ids in prompt_ids for _ in range(cfg.samples)]  # k copies of each prompt in a row
         with isolated_rng(cfg.seed):
             flat = generate(model, tokenizer, slots, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                            batch_size=cfg.batch_size)
+                            batch_size=cfg.batch_size, autocast_dtype=dtype)
         for i in range(len(prompt_ids)):
             sampled[i] = flat[i * cfg.samples : (i + 1) * cfg.samples]
     return Answers(greedy, sampled, time.perf_counter() - t0)

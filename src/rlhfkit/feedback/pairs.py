@@ -28,6 +28,7 @@ from rlhfkit.data.write import write_jsonl
 from rlhfkit.errors import ConfigError, DataError, RlhfkitError
 from rlhfkit.feedback.annotators import TIE, Annotator, is_score_based, load_annotator
 from rlhfkit.rollout.generate import generate_text
+from rlhfkit.runtime.optim import autocast_dtype
 
 
 @dataclass
@@ -96,6 +97,7 @@ def generate_pairs(
     seed: int = 0,
     batch_size: int = 8,
     unfinished: str = "keep",
+    mixed_precision: str = "no",
 ) -> list[Candidates]:
     """Sample `samples_per_prompt` answers per prompt; drop exact duplicates and empty answers.
 
@@ -107,7 +109,11 @@ def generate_pairs(
 
     Batches hold consecutive (prompt, sample) slots, k copies of each prompt in a row. Torch is seeded
     with `seed + batch index` before each batch, inside `fork_rng` so the caller's RNG is left untouched:
-    the same seed, batch size and model give the same answers.
+    the same seed, batch size, model and precision give the same answers on the same machine.
+
+    `mixed_precision`: the autocast of the sampling forwards: no (default) = the model's own dtype; bf16;
+    auto = bf16 on CUDA GPUs that support it and on CPUs with native bf16. bf16 samples about 1.4x faster
+    on such a CPU, but the demo's reward model and DPO learned less from bf16-sampled pairs (docs/feedback.md).
     """
     if samples_per_prompt < 2:
         raise ConfigError("samples_per_prompt", f"expected at least 2 answers per prompt to compare, got {samples_per_prompt}")
@@ -115,6 +121,8 @@ def generate_pairs(
         raise ConfigError("temperature", f"expected > 0: candidates must be sampled to differ, got {temperature}")
     if batch_size < 1 or max_new_tokens < 1:
         raise ConfigError("batch_size" if batch_size < 1 else "max_new_tokens", "expected a value >= 1")
+    device = next(model.parameters()).device
+    dtype = autocast_dtype(mixed_precision, device, cpu_bf16=True, field="mixed_precision")
     prompt_ids = []
     for i, prompt in enumerate(prompts):
         try:
@@ -123,14 +131,13 @@ def generate_pairs(
             raise DataError(f"prompt {i + 1}: {exc}") from None
     slots = [ids for ids in prompt_ids for _ in range(samples_per_prompt)]  # (P * k) prompt copies
 
-    device = next(model.parameters()).device
     answers: list[str] = []
     for b, start in enumerate(range(0, len(slots), batch_size)):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed + b)
             out = generate_text(
                 model, tokenizer, slots[start : start + batch_size], max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, batch_size=batch_size,
+                temperature=temperature, top_p=top_p, batch_size=batch_size, autocast_dtype=dtype,
             )
         answers.extend((text, ended) for text, _, ended in out)
 
@@ -318,6 +325,7 @@ def simulate_feedback(
     device: str = "auto",
     pairing: str = "best_worst",
     unfinished: str = "keep",
+    mixed_precision: str = "no",
 ) -> dict[str, Any]:
     """Sample answers from `model_spec` for each prompt, label them with `annotator`, write `output`.
 
@@ -340,12 +348,14 @@ def simulate_feedback(
     cfg = ModelConfig(name=model_spec, device=device)
     cfg.validate()
     torch_device = resolve_device(device)
+    sample_dtype = autocast_dtype(mixed_precision, torch_device, cpu_bf16=True, field="mixed_precision")
     tokenizer = load_tokenizer(model_spec)
     model = load_causal_lm(cfg, device=torch_device, tokenizer=tokenizer)
     t1 = time.perf_counter()
     candidates = generate_pairs(
         model, tokenizer, prompt_list, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, unfinished=unfinished,
+        mixed_precision=mixed_precision,
     )
     t2 = time.perf_counter()
     rows, stats = label_pairs(candidates, judge, pairing)
@@ -360,7 +370,9 @@ def simulate_feedback(
     write_preferences(rows, out_path)
 
     result: dict[str, Any] = {"output": str(out_path), "annotator": judge.name, "model": model_spec,
-                              "device": str(torch_device), **asdict(stats)}
+                              "device": str(torch_device),
+                              "sampling_autocast": str(sample_dtype).removeprefix("torch.") if sample_dtype else "none",
+                              **asdict(stats)}
     if rows and "chosen_score" in rows[0]:
         result["mean_chosen_score"] = sum(r["chosen_score"] for r in rows) / len(rows)
         result["mean_rejected_score"] = sum(r["rejected_score"] for r in rows) / len(rows)

@@ -67,6 +67,9 @@ class FeedbackStage:
                 "or kept as it is (a judge of 'more positive' prefers the longer cut-off text; docs/feedback.md)")
     temperature: float = opt(1.0, "sampling temperature of the candidates", gt=0.0)
     batch_size: int = opt(16, "answers generated per batch", ge=1)
+    mixed_precision: Literal["no", "auto", "bf16", "fp16"] = opt(
+        "no", "autocast of the sampling forwards: no = the model's dtype; auto = bf16 on CUDA GPUs that support it "
+              "and on CPUs with native bf16 (faster, but the demo learned less from bf16-sampled pairs: docs/feedback.md)")
     # the label web app (source: label)
     annotators: list[str] = field(default_factory=lambda: ["annotator"],
                                   metadata={"help": "label: the people invited (each gets a personal link)"})
@@ -89,6 +92,9 @@ class EvalStage:
     samples: int = opt(2, "sampled answers per prompt besides the greedy one", ge=0)
     temperature: float = opt(1.0, "sampling temperature", gt=0.0)
     batch_size: int = opt(16, "prompts per generation batch", ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
+        "auto", "autocast of the answering forwards (KL is computed in the model's dtype); auto = bf16 on CUDA GPUs "
+                "that support it and on CPUs with native bf16, no = the model's dtype")
 
 
 @dataclass

@@ -214,7 +214,7 @@ def _run_eval(cfg: PipelineConfig, folder: Path, base: str, tuned: dict[str, str
     e = cfg.eval
     ecfg = LMEvalConfig(prompts=e.prompts, scorers=scorers, max_prompts=e.max_prompts, max_new_tokens=e.max_new_tokens,
                         samples=e.samples, temperature=e.temperature, batch_size=e.batch_size, seed=cfg.seed,
-                        device=cfg.device)
+                        device=cfg.device, mixed_precision=e.mixed_precision)
     summary = evaluate_lm(base, tuned, ecfg, log=log)
     summary["extra_tables"] = [st.run_finals_table(runs)]
     summary["round"] = r

@@ -162,7 +162,8 @@ def simulated_feedback(cfg: PipelineConfig, policy: str, folder: Path, seed: int
     folder.mkdir(parents=True, exist_ok=True)
     common = dict(annotator=f.annotator, annotator_options=dict(f.annotator_options), samples_per_prompt=f.samples_per_prompt,
                   max_new_tokens=f.max_new_tokens, temperature=f.temperature, batch_size=f.batch_size,
-                  device=cfg.device, pairing=f.pairing, unfinished=f.unfinished)
+                  device=cfg.device, pairing=f.pairing, unfinished=f.unfinished,
+                  mixed_precision=f.mixed_precision)
     log(f"  sampling {f.samples_per_prompt} answers per prompt of {f.prompts}"
         + (f" (first {f.max_prompts})" if f.max_prompts else "") + f" with {policy}; the '{f.annotator}' annotator "
         "compares them ...")

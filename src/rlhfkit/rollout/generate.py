@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhfkit.runtime.optim import autocast
+
 
 @dataclass
 class Completion:
@@ -31,8 +33,12 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[Completion]:
-    """Complete each prompt (temperature 0 = greedy). Sampling draws from the global torch RNG."""
+    """Complete each prompt (temperature 0 = greedy). Sampling draws from the global torch RNG.
+
+    `autocast_dtype` (e.g. bf16): the forward passes run under autocast; weights keep their dtype and
+    the sampling distribution is the softmax of the autocast logits."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -49,15 +55,16 @@ def generate(
         kwargs = {"do_sample": temperature > 0}
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
-            use_cache=True,
-            **kwargs,
-        )
+        with autocast(device, autocast_dtype):
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+                use_cache=True,
+                **kwargs,
+            )
         for row in gen[:, longest:].tolist():
             ended = eos in row
             if ended:

@@ -184,13 +184,17 @@ def cpu_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast_dtype(mode: str, device: torch.device, cpu_bf16: bool = False) -> torch.dtype | None:
-    """The autocast dtype of `train.mixed_precision`; `cpu_bf16`: the recipe's `auto` includes CPUs with
-    native bf16 (dpo, ppo: benchmarks/RESULTS.md has what bf16 changes in their results)."""
+def autocast_dtype(mode: str, device: torch.device, cpu_bf16: bool = False,
+                   field: str = "train.mixed_precision") -> torch.dtype | None:
+    """The autocast dtype of `train.mixed_precision` (or of a sampler's `mixed_precision`, named by `field`);
+    `cpu_bf16`: `auto` includes CPUs with native bf16 (dpo, ppo, candidate and eval sampling:
+    benchmarks/RESULTS.md has what bf16 changes in their results)."""
+    if mode not in ("auto", "no", "bf16", "fp16"):
+        raise ConfigError(field, f"expected auto, no, bf16 or fp16, got {mode!r}")
     if mode == "no":
         return None
     if mode == "fp16" and device.type != "cuda":
-        raise ConfigError("train.mixed_precision", f"fp16 autocast needs a CUDA GPU (device is {device}); use bf16 or no")
+        raise ConfigError(field, f"fp16 autocast needs a CUDA GPU (device is {device}); use bf16 or no")
     if mode == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
