@@ -21,6 +21,7 @@ from rlhfkit.models.heads import (
     encode_response,
     freeze_backbone,
     last_token_index,
+    pad_right,
     score_sequences,
 )
 from rlhfkit.models.load import LoraConfig, ModelConfig, apply_lora
@@ -101,11 +102,7 @@ def test_score_is_read_at_the_last_real_token_and_padding_never_matters(tokenize
     # The last row ends with the pad/eos id itself (2 in SmolLM2): transformers' own pooling, which looks
     # for the last token != pad_token_id, would score it one token early.
     seqs = [[1, 520, 9531, 198, 31041], [1, 4093, 198], [1, 520, 31041, 198, 6004, 9531, pad]]
-    T = max(map(len, seqs))
-    ids = torch.full((3, T), pad)
-    mask = torch.zeros((3, T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    ids, mask = pad_right(seqs, pad)
     with torch.no_grad():
         got = score_sequences(model, ids, mask)  # (B,)
         naive = torch.stack([model.score(model.model(torch.tensor([s])).last_hidden_state[0, -1])[0] for s in seqs])
@@ -116,6 +113,25 @@ def test_score_is_read_at_the_last_real_token_and_padding_never_matters(tokenize
         assert torch.allclose(score_sequences(model, noisy, mask), got, atol=1e-6)
         hf = model(input_ids=ids, attention_mask=mask).logits[:, 0]
         assert not torch.allclose(hf[2], naive[2], atol=1e-4)  # why we pool from the attention mask
+
+
+def test_mean_pooling_against_a_naive_loop(tokenizer):
+    model = build_reward_model(ModelConfig(name="tiny:llama", device="cpu"), tokenizer, seed=1).eval()
+    model.config.rlhfkit_pooling = "mean"
+    pad = tokenizer.pad_token_id
+    seqs = [[1, 520, 9531, 198, 31041], [1, 4093, 198], [1, 520, 31041, 198, 6004, 9531, pad]]
+    ids, mask = pad_right(seqs, pad)
+    with torch.no_grad():
+        got = score_sequences(model, ids, mask)
+        naive = []
+        for s in seqs:
+            per_token = [model.score(model.model(torch.tensor([s])).last_hidden_state[0, t])[0].item()
+                         for t in range(len(s))]
+            naive.append(sum(per_token) / len(s))
+        assert got.tolist() == pytest.approx(naive, abs=1e-5)
+        noisy = ids.clone()
+        noisy[mask == 0] = torch.randint(3, 1000, (int((mask == 0).sum()),))
+        assert torch.allclose(score_sequences(model, noisy, mask), got, atol=1e-6)  # padding never counts
 
 
 def test_inputs_are_rendered_like_the_policy_sees_them(tokenizer):
