@@ -96,21 +96,30 @@ def test_last_token_index():
     assert last_token_index(mask).tolist() == [2, 4, 0, 4]  # right padding, none, one token, left padding
 
 
+def _pooling_rows(pad: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Token rows for the pooling tests (the last one ends with the pad id as a real token), right-padded."""
+    seqs = [[1, 520, 9531, 198, 31041], [1, 4093, 198], [1, 520, 31041, 198, 6004, 9531, pad]]
+    return (seqs, *pad_right(seqs, pad))
+
+
+def _padding_never_counts(model, ids, mask, got):
+    noisy = ids.clone()
+    noisy[mask == 0] = torch.randint(3, 1000, (int((mask == 0).sum()),))
+    assert torch.allclose(score_sequences(model, noisy, mask), got, atol=1e-6)
+
+
 def test_score_is_read_at_the_last_real_token_and_padding_never_matters(tokenizer):
     model = build_reward_model(ModelConfig(name="tiny:llama", device="cpu"), tokenizer, seed=1).eval()
     pad = tokenizer.pad_token_id
     # The last row ends with the pad/eos id itself (2 in SmolLM2): transformers' own pooling, which looks
     # for the last token != pad_token_id, would score it one token early.
-    seqs = [[1, 520, 9531, 198, 31041], [1, 4093, 198], [1, 520, 31041, 198, 6004, 9531, pad]]
-    ids, mask = pad_right(seqs, pad)
+    seqs, ids, mask = _pooling_rows(pad)
     with torch.no_grad():
         got = score_sequences(model, ids, mask)  # (B,)
         naive = torch.stack([model.score(model.model(torch.tensor([s])).last_hidden_state[0, -1])[0] for s in seqs])
         assert got.shape == (3,)
         assert torch.allclose(got, naive, atol=1e-5), (got, naive)
-        noisy = ids.clone()
-        noisy[mask == 0] = torch.randint(3, 1000, (int((mask == 0).sum()),))
-        assert torch.allclose(score_sequences(model, noisy, mask), got, atol=1e-6)
+        _padding_never_counts(model, ids, mask, got)
         hf = model(input_ids=ids, attention_mask=mask).logits[:, 0]
         assert not torch.allclose(hf[2], naive[2], atol=1e-4)  # why we pool from the attention mask
 
@@ -119,19 +128,13 @@ def test_mean_pooling_against_a_naive_loop(tokenizer):
     model = build_reward_model(ModelConfig(name="tiny:llama", device="cpu"), tokenizer, seed=1).eval()
     model.config.rlhfkit_pooling = "mean"
     pad = tokenizer.pad_token_id
-    seqs = [[1, 520, 9531, 198, 31041], [1, 4093, 198], [1, 520, 31041, 198, 6004, 9531, pad]]
-    ids, mask = pad_right(seqs, pad)
+    seqs, ids, mask = _pooling_rows(pad)
     with torch.no_grad():
         got = score_sequences(model, ids, mask)
-        naive = []
-        for s in seqs:
-            per_token = [model.score(model.model(torch.tensor([s])).last_hidden_state[0, t])[0].item()
-                         for t in range(len(s))]
-            naive.append(sum(per_token) / len(s))
+        # Each row alone, unpadded: the head at every position, averaged.
+        naive = [model.score(model.model(torch.tensor([s])).last_hidden_state[0]).mean().item() for s in seqs]
         assert got.tolist() == pytest.approx(naive, abs=1e-5)
-        noisy = ids.clone()
-        noisy[mask == 0] = torch.randint(3, 1000, (int((mask == 0).sum()),))
-        assert torch.allclose(score_sequences(model, noisy, mask), got, atol=1e-6)  # padding never counts
+        _padding_never_counts(model, ids, mask, got)
 
 
 def test_inputs_are_rendered_like_the_policy_sees_them(tokenizer):
