@@ -137,6 +137,31 @@ def test_mean_pooling_against_a_naive_loop(tokenizer):
         _padding_never_counts(model, ids, mask, got)
 
 
+def test_mean_pooling_sums_bf16_scores_in_float32(tokenizer):
+    # Under bf16 autocast the head's per-token scores are bf16; their mean is taken in float32, so two
+    # answers whose means differ by less than bf16's resolution (~0.4% of the score) still differ.
+    model = build_reward_model(ModelConfig(name="tiny:llama", device="cpu"), tokenizer, seed=1).eval()
+    model.config.rlhfkit_pooling = "mean"
+    _, ids, mask = _pooling_rows(tokenizer.pad_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = score_sequences(model, ids, mask)
+        per_token = captured_scores(model, ids, mask)
+    assert per_token.dtype == torch.bfloat16 and got.dtype == torch.float32
+    m = mask.float()
+    assert torch.allclose(got, (per_token.float()[..., 0] * m).sum(1) / m.sum(1), atol=1e-6)
+
+
+def captured_scores(model, ids, mask):
+    """The head's per-position outputs (B, T, 1), as score_sequences sees them."""
+    out = []
+    handle = model.score.register_forward_hook(lambda _m, _i, o: out.append(o))
+    try:
+        model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    return out[-1]
+
+
 def test_inputs_are_rendered_like_the_policy_sees_them(tokenizer):
     ids = encode_response(tokenizer, "Hi there", "Hello!", max_length=512)
     assert ids == tokenize_sft(Sample("x", prompt="Hi there", completion="Hello!"), tokenizer, max_length=512).input_ids

@@ -96,6 +96,7 @@ def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
         handle.remove()
     logits = captured[-1]  # (B, T, L)
     if pooling_of(model) == "mean":
+        logits = logits.float()  # bf16 scores summed in bf16 would blur the small difference between two answers
         m = attention_mask.to(logits.device, logits.dtype).unsqueeze(-1)  # (B, T, 1)
         pooled = (logits * m).sum(1) / m.sum(1).clamp(min=1)  # (B, L)
     else:
