@@ -20,6 +20,7 @@ from rlhfkit.models.heads import (
     build_reward_model,
     encode_response,
     freeze_backbone,
+    head_outputs,
     last_token_index,
     pad_right,
     score_sequences,
@@ -145,21 +146,10 @@ def test_mean_pooling_sums_bf16_scores_in_float32(tokenizer):
     _, ids, mask = _pooling_rows(tokenizer.pad_token_id)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = score_sequences(model, ids, mask)
-        per_token = captured_scores(model, ids, mask)
+        per_token = head_outputs(model, ids, mask)
     assert per_token.dtype == torch.bfloat16 and got.dtype == torch.float32
     m = mask.float()
     assert torch.allclose(got, (per_token.float()[..., 0] * m).sum(1) / m.sum(1), atol=1e-6)
-
-
-def captured_scores(model, ids, mask):
-    """The head's per-position outputs (B, T, 1), as score_sequences sees them."""
-    out = []
-    handle = model.score.register_forward_hook(lambda _m, _i, o: out.append(o))
-    try:
-        model(input_ids=ids, attention_mask=mask)
-    finally:
-        handle.remove()
-    return out[-1]
 
 
 def test_inputs_are_rendered_like_the_policy_sees_them(tokenizer):

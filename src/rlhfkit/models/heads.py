@@ -80,13 +80,11 @@ def pooling_of(model: torch.nn.Module) -> str:
     return getattr(getattr(base, "config", None), "rlhfkit_pooling", None) or "last"
 
 
-def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Pooled head output: (B, T) ids -> (B,) when num_labels == 1, else (B, num_labels).
+def head_outputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The head's output at every position, (B, T, num_labels), before any pooling.
 
     The forward goes through `model` itself (so DDP synchronises gradients and PEFT adapters apply); a
-    hook on the head captures its per-position output (B, T, num_labels) before transformers pools it.
-    Pooling `last` reads the last real token; `mean` averages over the real tokens (the head is linear,
-    so this is the head applied to the mean hidden state).
+    hook on the head captures its per-position output before transformers pools it.
     """
     captured: list[torch.Tensor] = []
     handle = score_head(model).register_forward_hook(lambda _m, _inp, out: captured.append(out))
@@ -94,7 +92,16 @@ def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
         model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         handle.remove()
-    logits = captured[-1]  # (B, T, L)
+    return captured[-1]
+
+
+def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Pooled head output: (B, T) ids -> (B,) when num_labels == 1, else (B, num_labels).
+
+    Pooling `last` reads the last real token; `mean` averages over the real tokens (the head is linear,
+    so this is the head applied to the mean hidden state).
+    """
+    logits = head_outputs(model, input_ids, attention_mask)  # (B, T, L)
     if pooling_of(model) == "mean":
         logits = logits.float()  # bf16 scores summed in bf16 would blur the small difference between two answers
         m = attention_mask.to(logits.device, logits.dtype).unsqueeze(-1)  # (B, T, 1)
